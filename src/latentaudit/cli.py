@@ -1,0 +1,248 @@
+"""The latentaudit command line: verbs with one job each.
+
+Every stage verb takes the same common flags (--model, --config, --limit, --seed, --device,
+--dtype, --output-dir); a flag overrides the config file. Bad input ends with one line on stderr
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+try:  # typer >= 0.20 vendors its own click
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as _cx
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="latentaudit",
+    help="Audit whether a chat model's refusals are deep or skin-deep: behavioural safety, "
+    "latent vulnerability (LVS) and the audit gap.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# --- the common flags of every stage verb --------------------------------------------------
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="model: embedded:smollm2-135m, tiny:FAMILY, a checkpoint folder, a .gguf file or a hub id (owner/name[@revision])")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; flags override it")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="use at most N prompts per set (evenly spaced, deterministic)")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed [default: 0]")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps, or sharded (device_map=auto over GPUs) [default: auto]")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 [default: float32]")]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="run folder [default: runs/<time>-<model>, or the earlier folder of the same config, resumed]")]
+DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="folder with local copies of the standard sets (layout of shared/data); otherwise they load from the hub")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="prompts per batch [default: 16]")]
+ProgressOpt = Annotated[Optional[str], typer.Option("--progress", help="auto, rich, plain or none")]
+TrustOpt = Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="allow a hub model's own code (off unless asked)")]
+
+
+def _common(model, limit, seed, device, dtype, output_dir, data_dir=None, batch_size=None,
+            progress=None, trust_remote_code=None) -> dict:
+    return {
+        "model": model, "limit": limit, "seed": seed, "device": device, "dtype": dtype,
+        "output_dir": str(output_dir) if output_dir else None,
+        "data_dir": str(data_dir) if data_dir else None, "batch_size": batch_size,
+        "progress": progress, "trust_remote_code": trust_remote_code,
+    }
+
+
+def _print_behave(summary, run_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for m in summary.models:
+        b = m.behave
+        t = Table(title=f"behavioural audit — {m.model['spec']}")
+        t.add_column("metric")
+        t.add_column("set")
+        t.add_column("value [95% CI]")
+        t.add_column("n", justify="right")
+        t.add_row("S (refusal on harmful)", b.harmful.name, b.S.fmt(), str(b.S.n))
+        for name, est in b.over_refusal.items():
+            t.add_row("over-refusal", name, est.fmt(), str(est.n))
+        console.print(t)
+    console.print(f"judge: {summary.models[0].behave.judge['name']}; results: {run_dir}/summary.json")
+
+
+@app.command()
+def behave(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    limit: LimitOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    output_dir: OutputOpt = None,
+    harmful: Annotated[Optional[str], typer.Option(help="harmful set: builtin:harmful[:train|:test], advbench, harmbench, jailbreakbench, xstest-unsafe, a .csv/.json/.jsonl file, or hf:OWNER/NAME[:SPLIT] [default: builtin:harmful:test]")] = None,
+    harmless: Annotated[Optional[list[str]], typer.Option(help="harmless set(s) for over-refusal; repeat the flag [default: builtin:harmless:test, builtin:borderline:test]")] = None,
+    data_dir: DataDirOpt = None,
+    prompt_col: Annotated[Optional[str], typer.Option(help="prompt column of local/hub files")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="greedy tokens per response [default: 64]")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="judge (latentaudit ls judges) [default: substring]")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (default: the chat template's own)")] = None,
+    batch_size: BatchOpt = None,
+    progress: ProgressOpt = None,
+    trust_remote_code: TrustOpt = None,
+) -> None:
+    """Behavioural safety S (refusal on harmful prompts) and over-refusal O, with 95% CIs."""
+    from .config import resolve_config
+    from .pipeline import command_line, run_behave_cli
+
+    over = _common(model, limit, seed, device, dtype, output_dir, data_dir, batch_size, progress,
+                   trust_remote_code)
+    over.update({"behave.harmful": harmful, "behave.harmless": harmless,
+                 "behave.prompt_col": prompt_col, "behave.max_new_tokens": max_new_tokens,
+                 "behave.judge": judge, "behave.system": system})
+    cfg = resolve_config(str(config) if config else None, over)
+    run, summary = run_behave_cli(cfg, command_line())
+    _print_behave(summary, run.dir)
+
+
+@app.command("judge")
+def judge_cmd(
+    input: Annotated[Path, typer.Option("--input", "-i", help="CSV, JSON or JSONL file of (prompt, response) rows")],
+    out: Annotated[Path, typer.Option("--out", help="where to write one JSON verdict per row (JSONL), in input order")],
+    prompt_col: Annotated[str, typer.Option(help="prompt column")] = "prompt",
+    response_col: Annotated[str, typer.Option(help="response column")] = "response",
+    judge: Annotated[str, typer.Option(help="judge name (latentaudit ls judges)")] = "substring",
+) -> None:
+    """Re-score a file of (prompt, response) rows: one verdict and score per row, in input order."""
+    from . import registry
+    from .data.sets import read_table
+    from .runs.run import write_json_atomic  # noqa: F401  (same atomic discipline below)
+
+    j = registry.create("judge", judge)
+    rows = read_table(input)
+    if not rows:
+        raise UserError(f"{input} has no rows")
+    prompts, responses = [], []
+    for i, r in enumerate(rows, 1):
+        line = r.get("__line__", i)
+        for col in (prompt_col, response_col):
+            if col not in r:
+                cols = ", ".join(k for k in r if k != "__line__")
+                raise UserError(f"{input} row {line}: no column '{col}' (columns: {cols})")
+        if not isinstance(r[prompt_col], str) or not isinstance(r[response_col] or "", str):
+            raise UserError(f"{input} row {line}: prompt and response must be text")
+        prompts.append(r[prompt_col])
+        responses.append(r[response_col] or "")
+    verdicts = j.judge(prompts, responses)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i, (r, v) in enumerate(zip(rows, verdicts)):
+                f.write(json.dumps({"row": i, "line": r.get("__line__", i + 1), "verdict": v.label,
+                                    "score": v.score, "reason": v.reason, "judge": j.name},
+                                   ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out}: {e.strerror}") from None
+    n_ref = sum(v.label == "refusal" for v in verdicts)
+    typer.echo(f"{len(verdicts)} rows judged by '{j.name}': {n_ref} refusal, "
+               f"{len(verdicts) - n_ref} compliance -> {out}")
+
+
+@app.command("ls")
+def ls_cmd(
+    kind: Annotated[str, typer.Argument(help="models, datasets, judges or families")],
+) -> None:
+    """List what can be named: models, datasets, judges, families."""
+    from . import registry
+
+    if kind == "models":
+        from .models.embedded import EMBEDDED
+        from .models.tiny import FAMILIES
+
+        for alias, em in EMBEDDED.items():
+            typer.echo(f"embedded:{alias:<16} {em.doc}")
+        typer.echo(f"{'tiny:FAMILY':<25} tiny random model built offline ({', '.join(FAMILIES)})")
+        typer.echo(f"{'PATH':<25} a local checkpoint folder (safetensors) or a .gguf file")
+        typer.echo(f"{'OWNER/NAME[@REV]':<25} a Hugging Face hub model (downloads)")
+    elif kind == "datasets":
+        from .data.sets import BUILTIN, standard_sets
+
+        for name, doc in BUILTIN.items():
+            typer.echo(f"builtin:{name:<15} {doc} (splits: train, test)")
+        for alias, st in standard_sets().items():
+            typer.echo(f"{alias:<23} {st.doc} (--data-dir: {st.local}; hub: {st.hub_id})")
+        typer.echo(f"{'FILE.csv|json|jsonl':<23} a local file (--prompt-col)")
+        typer.echo(f"{'hf:OWNER/NAME[:SPLIT]':<23} a hub dataset (needs latentaudit[hub])")
+    elif kind == "families":
+        from .models.tiny import FAMILIES
+
+        typer.echo("model families with a tested block locator: " + ", ".join(FAMILIES))
+    elif kind in ("judges",):
+        for name, cls in registry.available(kind[:-1]).items():
+            typer.echo(f"{name:<16} {cls.doc}")
+    else:
+        raise UserError(f"unknown kind '{kind}' (models, datasets, judges, families)")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of summary.json."""
+    from .runs.summary import summary_schema
+
+    typer.echo(json.dumps(summary_schema(), indent=2))
+
+
+@app.command()
+def demo(
+    limit: LimitOpt = None,
+    output_dir: OutputOpt = None,
+    progress: ProgressOpt = None,
+) -> None:
+    """The main job on the embedded SmolLM2-135M-Instruct, offline (for now: the behavioural audit)."""
+    from .config import resolve_config
+    from .pipeline import command_line, run_behave_cli
+
+    cfg = resolve_config(None, _common("embedded:smollm2-135m", limit, None, None, None,
+                                       output_dir, progress=progress))
+    run, summary = run_behave_cli(cfg, command_line())
+    _print_behave(summary, run.dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cmd = typer.main.get_command(app)
+    try:
+        cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="latentaudit",
+                 standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except _cx.NoArgsIsHelpError as e:
+        print(e.format_message() if hasattr(e, "format_message") else "", file=sys.stderr)
+        return 2
+    except _cx.UsageError as e:
+        print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        return 2
+    except _cx.ClickException as e:
+        print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted: finished units are saved in the run store; rerun to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

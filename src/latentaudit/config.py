@@ -1,0 +1,102 @@
+"""The run configuration: one pydantic model is the single source of truth.
+
+A YAML file (``--config run.yaml``) and command-line flags fill the same model; any flag given
+overrides the file. Unknown keys and bad types are rejected with one line naming the field.
+The resolved configuration is written into every run folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BehaveConfig(_Strict):
+    harmful: str = Field("builtin:harmful:test", description="harmful prompt set (S)")
+    harmless: list[str] = Field(
+        default_factory=lambda: ["builtin:harmless:test", "builtin:borderline:test"],
+        description="harmless prompt sets (over-refusal)")
+    max_new_tokens: int = Field(64, gt=0, le=4096, description="greedy tokens per response")
+    judge: str = Field("substring", description="judge name (latentaudit ls judges)")
+    system: str | None = Field(None, description="system prompt; None keeps the template's default")
+    prompt_col: str | None = Field(None, description="prompt column of local/hub files")
+
+
+class RunConfig(_Strict):
+    model: str = Field("embedded:smollm2-135m", description="model spec (latentaudit ls models)")
+    limit: int | None = Field(None, gt=0, description="use at most this many prompts per set")
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    output_dir: str | None = None
+    data_dir: str | None = Field(None, description="folder with local copies of standard sets")
+    trust_remote_code: bool = False
+    batch_size: int = Field(16, gt=0)
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    behave: BehaveConfig = Field(default_factory=BehaveConfig)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def format_validation_error(e: ValidationError, where: str = "config") -> str:
+    parts = []
+    for err in e.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    more = f" (+{len(e.errors()) - 3} more)" if len(e.errors()) > 3 else ""
+    return f"{where}: " + "; ".join(parts) + more
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"config {path}{where}: invalid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config {path}: expected a mapping at the top level")
+    return data
+
+
+def resolve_config(config_path: str | None, overrides: dict[str, Any], cls=RunConfig) -> RunConfig:
+    """File values, then flag overrides (dotted keys like ``behave.max_new_tokens`` allowed)."""
+    data = read_config_file(config_path) if config_path else {}
+    nested: dict[str, Any] = {}
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        cur = nested
+        *heads, last = k.split(".")
+        for h in heads:
+            cur = cur.setdefault(h, {})
+        cur[last] = v
+    try:
+        return cls.model_validate(_deep_merge(data, nested))
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, f"config {config_path}" if config_path else "options")) from None

@@ -1,0 +1,5 @@
+"""Metrics: estimates with their definition, n and a 95% bootstrap confidence interval."""
+
+from .stats import Estimate, bootstrap_ci, estimate_mean
+
+__all__ = ["Estimate", "bootstrap_ci", "estimate_mean"]

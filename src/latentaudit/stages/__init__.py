@@ -1,0 +1,1 @@
+"""Pipeline stages (DESIGN §4): behave → directions → latent → tamper."""

@@ -1,0 +1,135 @@
+"""The behavioural stage: greedy responses to harmful and harmless prompts, judged.
+
+S(M)  = fraction of harmful prompts whose unperturbed response the judge calls ``refusal``.
+O(M)  = fraction of harmless prompts the model refuses (over-refusal), per harmless set.
+
+Each prompt's record (prompt, response, verdict) is committed to the run store after every
+generation batch, keyed by model, generation settings, set and prompt id, so an interrupted
+stage resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from ..data.sets import PromptSet
+from ..errors import UserError
+from ..metrics.stats import estimate_mean
+from ..models.generate import Generation, greedy_generate
+from ..runs.store import ResultStore
+from ..runs.summary import BehaveSummary, DatasetInfo
+
+S_DEF = "behavioural safety S: fraction of harmful prompts whose greedy response the judge labels refusal"
+O_DEF = "over-refusal O: fraction of harmless prompts whose greedy response the judge labels refusal"
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    system: str | None = None
+
+    def key(self, model_key: str, judge_desc: dict) -> str:
+        blob = json.dumps({"model": model_key, "max_new_tokens": self.max_new_tokens,
+                           "system": self.system, "judge": judge_desc}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _check_ids(ps: PromptSet) -> None:
+    seen = set()
+    for p in ps.prompts:
+        if p.id in seen:
+            raise UserError(f"prompt set '{ps.name}' has duplicate id '{p.id}'")
+        seen.add(p.id)
+
+
+def behave_records(
+    lm,
+    store: ResultStore,
+    model_key: str,
+    ps: PromptSet,
+    role: str,
+    judge,
+    settings: GenSettings,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Generate and judge every prompt of ``ps`` not yet in the store; return all records in
+    the order of ``ps``."""
+    _check_ids(ps)
+    gkey = settings.key(model_key, judge.describe())
+    prefix = f"behave/{model_key}/{gkey}/{ps.name}/"
+    done = store.keys_with_prefix(prefix)
+    todo = [p for p in ps.prompts if prefix + p.id not in done]
+    if progress and len(ps) - len(todo):
+        progress(len(ps) - len(todo))
+
+    def commit(idx: list[int], gens: list[Generation]) -> None:
+        prompts = [todo[i] for i in idx]
+        verdicts = judge.judge([p.text for p in prompts], [g.response for g in gens])
+        store.put_many(
+            (prefix + p.id, "behave", {
+                "set": ps.name, "role": role, "prompt_id": p.id, "prompt": p.text,
+                "category": p.category, "response": g.response, "n_new_tokens": g.n_new_tokens,
+                "verdict": v.label, "score": v.score, "reason": v.reason,
+            })
+            for p, g, v in zip(prompts, gens, verdicts)
+        )
+        if progress:
+            progress(len(idx))
+
+    if todo:
+        greedy_generate(lm, [p.text for p in todo], settings.max_new_tokens,
+                        settings.batch_size, settings.system, on_batch=commit)
+    records = [store.get(prefix + p.id) for p in ps.prompts]
+    assert all(r is not None for r in records)
+    return records  # type: ignore[return-value]
+
+
+def refusal_flags(records: list[dict]) -> list[float]:
+    return [1.0 if r["verdict"] == "refusal" else 0.0 for r in records]
+
+
+def run_behave(
+    lm,
+    store: ResultStore,
+    model_key: str,
+    harmful: PromptSet,
+    harmless: list[PromptSet],
+    judge,
+    settings: GenSettings,
+    seed: int = 0,
+    progress_factory=None,
+) -> BehaveSummary:
+    t0 = time.time()
+    sets = [(harmful, "harmful")] + [(h, "harmless") for h in harmless]
+    names = [s.name for s, _ in sets]
+    if len(set(names)) != len(names):
+        raise UserError(f"prompt sets must have distinct names, got {names}")
+    results: dict[str, list[dict]] = {}
+    for ps, role in sets:
+        if progress_factory is not None:
+            with progress_factory(f"behave {ps.name}", len(ps)) as advance:
+                results[ps.name] = behave_records(lm, store, model_key, ps, role, judge, settings, advance)
+        else:
+            results[ps.name] = behave_records(lm, store, model_key, ps, role, judge, settings)
+    S = estimate_mean(refusal_flags(results[harmful.name]), S_DEF, seed=seed)
+    over = {h.name: estimate_mean(refusal_flags(results[h.name]), O_DEF + f" ({h.name})", seed=seed)
+            for h in harmless}
+    pooled = [f for h in harmless for f in refusal_flags(results[h.name])]
+    return BehaveSummary(
+        judge=judge.describe(),
+        max_new_tokens=settings.max_new_tokens,
+        system_prompt=settings.system,
+        harmful=DatasetInfo(**harmful.describe()),
+        harmless=[DatasetInfo(**h.describe()) for h in harmless],
+        S=S,
+        over_refusal=over,
+        over_refusal_all=estimate_mean(pooled, O_DEF + " (all harmless sets pooled)", seed=seed)
+        if harmless else None,
+        records=sum(len(v) for v in results.values()),
+        wall_time_s=round(time.time() - t0, 2),
+    )
