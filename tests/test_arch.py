@@ -59,6 +59,16 @@ POST_NORM = {"gemma2", "olmo2"}
 PROMPTS = ["Sure, here is", "I cannot help with that, sorry."]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP contention made
+    each 64-wide linear cost ~20 ms instead of ~20 us: run this module single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def models() -> dict[str, nn.Module]:
     return {}
@@ -306,18 +316,27 @@ def test_tiny_tokenizer():
 
 
 def test_tiny_tokenizer_deterministic_across_processes():
-    def digest() -> str:
-        return hashlib.sha256(tiny_tokenizer().backend_tokenizer.to_str().encode()).hexdigest()
+    """The BPE training gives the same tokenizer in a fresh process (other hash seed, 1 thread)."""
+    from latentaudit.models import tiny
 
+    local = tiny._train_bpe().to_str()
+    assert tiny._train_bpe().to_str() == local
+    assert tiny_tokenizer().get_vocab() == tiny._train_bpe().get_vocab(with_added_tokens=True)
+    # load tiny.py on its own: only `tokenizers` is imported, so the subprocess is fast
     code = (
-        "import hashlib; from latentaudit.models.tiny import tiny_tokenizer; "
-        "print(hashlib.sha256(tiny_tokenizer().backend_tokenizer.to_str().encode()).hexdigest())"
+        "import importlib.util, sys; "
+        "spec = importlib.util.spec_from_file_location('tiny_alone', sys.argv[1]); "
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); "
+        "sys.stdout.write(mod._train_bpe().to_str())"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "RAYON_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert res.stdout.strip().splitlines()[-1] == digest()
+    res = subprocess.run(
+        [sys.executable, "-c", code, tiny.__file__], env=env, capture_output=True, text=True, check=True
+    )
+    assert hashlib.sha256(res.stdout.encode()).hexdigest() == hashlib.sha256(local.encode()).hexdigest()
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_peft_wrapped_model():
     peft = pytest.importorskip("peft")
     model = tiny_model("llama")

@@ -22,7 +22,12 @@ Empty or whitespace-only responses are refusals (reason ``"empty"``).
 Measured against the human labels of XSTest v2 (Röttger et al. 2024; 450 labelled completions each
 of Llama-2-70b-chat and Mistral-7B-Instruct; full and partial refusal = refusal):
 ``benchmarks/bench_judge.py`` prints accuracy, precision/recall and bootstrap CIs, beside the
-common refusal-prefix list as a baseline.
+common refusal-prefix list as a baseline. Version 1: Llama-2 0.951 (95% CI 0.931-0.971), Mistral
+0.931 (0.907-0.953); the GCG/AdvBench prefix list 0.896 and 0.838. Over-fitting check: the rules
+written from Llama-2's errors alone scored 0.860 on Mistral; greedy rule selection on one file
+scored 0.887 on the other (Llama-2 -> Mistral) and 0.913 (Mistral -> Llama-2). Refusal recall on
+Mistral is the weak spot (0.75): a refusal that simply contradicts the request's premise ("X was
+not right to ...") carries no refusal phrase.
 
 What this judge cannot see:
 

@@ -9,10 +9,13 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import transformers
+# torch and transformers are imported inside the functions, so that the tokenizer training
+# (_train_bpe) can be loaded and checked in a fresh process with nothing but `tokenizers`.
+if TYPE_CHECKING:
+    import tokenizers
+    import transformers
 
 __all__ = ["FAMILIES", "tiny_tokenizer", "tiny_config", "tiny_model"]
 
@@ -127,13 +130,8 @@ def _corpus() -> list[str]:
     return lines + chat
 
 
-@functools.lru_cache(maxsize=None)
-def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A deterministic in-memory byte-level BPE tokenizer (cached per process; do not mutate).
-
-    Special tokens: ``<|endoftext|>`` (id 0, bos and eos), ``<|im_start|>`` (1), ``<|im_end|>``
-    (2), ``<pad>`` (3, pad). ChatML chat template, left padding, no automatic bos.
-    """
+def _train_bpe() -> tokenizers.Tokenizer:
+    """Train the byte-level BPE on the built-in corpus (deterministic; needs only `tokenizers`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -147,9 +145,21 @@ def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A deterministic in-memory byte-level BPE tokenizer (cached per process; do not mutate).
+
+    Special tokens: ``<|endoftext|>`` (id 0, bos and eos), ``<|im_start|>`` (1), ``<|im_end|>``
+    (2), ``<pad>`` (3, pad). ChatML chat template, left padding, no automatic bos.
+    """
+    import transformers
+
     eos, im_start, im_end, pad = SPECIAL_TOKENS
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=_train_bpe(),
         bos_token=eos,
         eos_token=eos,
         pad_token=pad,
@@ -198,6 +208,8 @@ def _family_kwargs(family: str) -> dict[str, Any]:
 
 def tiny_config(family: str, **overrides: Any) -> transformers.PretrainedConfig:
     """Config of a tiny (4 layers, hidden 64, 4 heads, 2 kv heads where supported) ``family`` LM."""
+    import transformers
+
     kwargs = _family_kwargs(family)
     kwargs.update(overrides)
     return transformers.AutoConfig.for_model(family, **kwargs)
@@ -209,6 +221,9 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides: Any) -> transf
     Seeds torch inside a forked RNG, so the same seed gives bitwise identical weights and the
     caller's global RNG state is left untouched.
     """
+    import torch
+    import transformers
+
     config = tiny_config(family, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

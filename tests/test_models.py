@@ -1,0 +1,132 @@
+"""Model loading (local, GGUF, embedded, hub-offline), chat formatting and generation."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import pytest
+import torch
+
+from latentaudit.errors import UserError
+from latentaudit.models.chat import PLAIN_FORMAT, encode, format_prompt
+from latentaudit.models.generate import greedy_generate, length_sorted_batches
+from latentaudit.models.loader import load_model
+from latentaudit.models.tiny import tiny_model, tiny_tokenizer
+
+
+def test_local_checkpoint_roundtrip(tmp_path, tiny_lm):
+    tiny_lm.model.save_pretrained(tmp_path / "ckpt")
+    tiny_lm.tokenizer.save_pretrained(tmp_path / "ckpt")
+    lm = load_model(str(tmp_path / "ckpt"), device="cpu")
+    assert lm.info["source"] == "local" and lm.info["fingerprint"]
+    assert lm.n_layers == tiny_lm.n_layers
+    x = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(lm.model(x).logits, tiny_lm.model(x).logits, atol=1e-6)
+    assert lm.tokenizer.padding_side == "left" and lm.tokenizer.pad_token is not None
+
+
+def test_dtype_option(tiny_lm):
+    lm = load_model("tiny:llama", device="cpu", dtype="bfloat16")
+    assert lm.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("./no/such/checkpoint", "model path not found"),
+        ("/definitely/missing.gguf", "model file not found"),
+        ("tiny:nosuchfamily", "unknown tiny model"),
+        ("embedded:nosuch", "unknown embedded model"),
+    ],
+)
+def test_bad_model_specs(spec, match):
+    with pytest.raises(UserError, match=match):
+        load_model(spec, device="cpu")
+
+
+def test_dir_without_config(tmp_path):
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(UserError, match="no config.json"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOTAGGUF" + b"\0" * 100)
+    with pytest.raises(UserError, match="not a GGUF file"):
+        load_model(str(bad), device="cpu")
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    with pytest.raises(UserError, match="cannot load GGUF"):
+        load_model(str(trunc), device="cpu")
+
+
+def test_bad_dtype_and_device():
+    with pytest.raises(UserError, match="unknown dtype"):
+        load_model("tiny:llama", dtype="int3")
+    with pytest.raises(UserError, match="unknown device"):
+        load_model("tiny:llama", device="tpu")
+
+
+def test_chat_template_and_plain_format():
+    tok = tiny_tokenizer()
+    text = format_prompt(tok, "Hello there")
+    assert text == "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+
+    class NoTemplate:
+        chat_template = None
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        plain = format_prompt(NoTemplate(), "Hello")
+    assert plain == PLAIN_FORMAT.format(prompt="Hello")
+    assert any("no chat template" in str(x.message) for x in w)
+
+
+def test_encode_left_padding_position_ids():
+    tok = tiny_tokenizer()
+    b = encode(tok, ["a", "a much longer prompt with many more words"])
+    mask, pos = b["attention_mask"], b["position_ids"]
+    assert mask[0, 0] == 0 and mask[0, -1] == 1  # left padded
+    first_real = int((mask[0] == 0).sum())
+    assert pos[0, first_real] == 0 and pos[1, 0] == 0
+    assert torch.equal(pos[0, first_real:], torch.arange(mask.shape[1] - first_real))
+
+
+def test_length_sorted_batches_cover_all():
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    batches = length_sorted_batches(lengths, 3)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+
+
+def test_greedy_generate_batched_equals_single(tiny_lm):
+    prompts = ["Tell me a joke", "How do I bake bread at home quickly?", "Hi"]
+    batched = greedy_generate(tiny_lm, prompts, max_new_tokens=6, batch_size=3)
+    single = [greedy_generate(tiny_lm, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert all(g.n_new_tokens <= 6 for g in batched)
+
+
+def test_tiny_model_deterministic():
+    a, b = tiny_model("llama", seed=3), tiny_model("llama", seed=3)
+    for (n1, p1), (n2, p2) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+@pytest.mark.embedded
+def test_embedded_load_then_cache_reuse(embedded_load, embedded_cache):
+    lm, first_s = embedded_load
+    assert lm.info["source"] == "embedded" and lm.info["converted_now"] is True
+    assert lm.n_layers == 30 and lm.info["model_type"] == "llama"
+    cached = list((embedded_cache / "models").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
+    t0 = time.time()
+    again = load_model("embedded:smollm2-135m", device="cpu")
+    assert again.info["converted_now"] is False  # read from the cache, no dequantisation
+    assert time.time() - t0 < first_s
+    x = torch.tensor([[1, 504, 3456, 28]])
+    assert torch.equal(again.model(x).logits, lm.model(x).logits)
+    assert lm.tokenizer.chat_template and "<|im_start|>" in format_prompt(lm.tokenizer, "hi")
