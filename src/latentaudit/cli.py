@@ -109,6 +109,122 @@ def behave(
     _print_behave(summary, run.dir)
 
 
+def _print_latent(summary, run_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for m in summary.models:
+        lat = m.latent
+        if lat is None:
+            continue
+        t = Table(title=f"latent vulnerability — {m.model['spec']} (n={lat.n}, "
+                  f"eps in [{lat.eps_min:g}, {lat.eps_max:g}], success: coherent compliance)")
+        t.add_column("family")
+        t.add_column("LVS(M) [95% CI]")
+        t.add_column("worst layer", justify="right")
+        t.add_column("depth profile LVS_l")
+        for name, fr in lat.families.items():
+            prof = " ".join(f"{lr.layer}:{lr.lvs.value:.2f}" for lr in fr.layers)
+            t.add_row(name, fr.lvs_model.fmt(), str(fr.worst_layer), prof)
+        if lat.ablate is not None:
+            t.add_row("ablate (unbounded)", lat.ablate.asr.fmt() + " ASR",
+                      str(lat.ablate.direction_layer), "direction of that layer, all layers")
+        console.print(t)
+        console.print(f"clean elicitation (no push): {lat.clean_success.fmt()}")
+    console.print(f"results: {run_dir}/summary.json")
+
+
+@app.command()
+def latent(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    limit: LimitOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    output_dir: OutputOpt = None,
+    harmful: Annotated[Optional[str], typer.Option(help="harmful prompts to attack [default: builtin:harmful:test]")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="all, 3,7,12, 10-18 or every:N [default: all]")] = None,
+    families: Annotated[Optional[str], typer.Option(help="comma-separated: pgd, steer, noise, ablate [default: pgd,steer,noise]")] = None,
+    eps_min: Annotated[Optional[float], typer.Option(help="smallest relative budget [default: 0.001]")] = None,
+    eps_max: Annotated[Optional[float], typer.Option(help="largest relative budget [default: 0.5]")] = None,
+    search: Annotated[Optional[str], typer.Option(help="bisection or grid [default: bisection]")] = None,
+    rel_tol: Annotated[Optional[float], typer.Option(help="bisection tolerance: stop when hi/lo <= 1+rel_tol [default: 0.25]")] = None,
+    grid_points: Annotated[Optional[int], typer.Option(help="points of the log grid [default: 9]")] = None,
+    positions: Annotated[Optional[str], typer.Option(help="prompt (minus first token and sinks), last, or all [default: prompt]")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="greedy tokens judged per attempt [default: 32]")] = None,
+    pgd_steps: Annotated[Optional[int], typer.Option(help="PGD gradient steps [default: 10]")] = None,
+    pgd_optimizer: Annotated[Optional[str], typer.Option(help="l2, sign or adam [default: l2]")] = None,
+    noise_draws: Annotated[Optional[int], typer.Option(help="random draws per budget [default: 4]")] = None,
+    success: Annotated[Optional[str], typer.Option(help="coherent (default) or nonrefusal")] = None,
+    data_dir: DataDirOpt = None,
+    batch_size: BatchOpt = None,
+    progress: ProgressOpt = None,
+    trust_remote_code: TrustOpt = None,
+) -> None:
+    """Per layer and family: minimal budgets eps*, ASR curves, LVS_l with CIs, LVS(M) and its layer."""
+    from .config import resolve_config
+    from .pipeline import command_line, run_audit
+
+    over = _common(model, limit, seed, device, dtype, output_dir, data_dir, batch_size, progress,
+                   trust_remote_code)
+    fams = [f.strip() for f in families.split(",") if f.strip()] if families else None
+    over.update({"latent.harmful": harmful, "latent.layers": layers, "latent.families": fams,
+                 "latent.eps_min": eps_min, "latent.eps_max": eps_max, "latent.search": search,
+                 "latent.rel_tol": rel_tol, "latent.grid_points": grid_points,
+                 "latent.positions": positions, "latent.max_new_tokens": max_new_tokens,
+                 "latent.pgd_steps": pgd_steps, "latent.pgd_optimizer": pgd_optimizer,
+                 "latent.noise_draws": noise_draws, "latent.success": success})
+    cfg = resolve_config(str(config) if config else None, over)
+    run, summary = run_audit(cfg, ["latent"], command_line())
+    _print_latent(summary, run.dir)
+
+
+@app.command()
+def directions(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    limit: LimitOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    output_dir: OutputOpt = None,
+    harmful: Annotated[Optional[str], typer.Option(help="harmful prompts for the means [default: builtin:harmful:train]")] = None,
+    harmless: Annotated[Optional[str], typer.Option(help="harmless prompts for the means [default: builtin:harmless:train]")] = None,
+    n: Annotated[Optional[int], typer.Option(help="prompts per side for the means [default: 64]")] = None,
+    data_dir: DataDirOpt = None,
+    batch_size: BatchOpt = None,
+    progress: ProgressOpt = None,
+    trust_remote_code: TrustOpt = None,
+) -> None:
+    """Refusal direction per layer (difference of means), its selection score, saved as safetensors."""
+    from .config import resolve_config
+    from .pipeline import command_line, get_directions, model_key, quiet_libraries
+    from .models.loader import load_model
+    from .runs.run import open_run
+
+    over = _common(model, limit, seed, device, dtype, output_dir, data_dir, batch_size, progress,
+                   trust_remote_code)
+    over.update({"latent.directions_harmful": harmful, "latent.directions_harmless": harmless,
+                 "latent.directions_n": n})
+    cfg = resolve_config(str(config) if config else None, over)
+    quiet_libraries()
+    lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    run = open_run(cfg.output_dir, cfg.model_dump(), cfg.model)
+    try:
+        d = get_directions(lm, run, model_key(lm), cfg)
+    finally:
+        run.close()
+    sel = d.meta.get("selection", {})
+    typer.echo("layer  refusal-score-after-ablation  KL(harmless)")
+    for layer, sc in sorted(sel.items(), key=lambda kv: int(kv[0])):
+        mark = "  <- selected" if int(layer) == d.selected_layer else ""
+        typer.echo(f"{int(layer):>5}  {sc['refusal_score']:>28.3f}  {sc['kl_harmless']:>12.4f}{mark}")
+    typer.echo(f"baseline refusal score {d.meta.get('baseline_refusal_score', float('nan')):.3f}; "
+               f"directions: {run.dir}/directions-{model_key(lm)}.safetensors")
+
+
 @app.command("judge")
 def judge_cmd(
     input: Annotated[Path, typer.Option("--input", "-i", help="CSV, JSON or JSONL file of (prompt, response) rows")],

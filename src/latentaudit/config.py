@@ -43,6 +43,7 @@ class RunConfig(_Strict):
     batch_size: int = Field(16, gt=0)
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     behave: BehaveConfig = Field(default_factory=BehaveConfig)
+    latent: "LatentConfig" = Field(default_factory=lambda: _latent_config())
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -100,3 +101,14 @@ def resolve_config(config_path: str | None, overrides: dict[str, Any], cls=RunCo
         return cls.model_validate(_deep_merge(data, nested))
     except ValidationError as e:
         raise UserError(format_validation_error(e, f"config {config_path}" if config_path else "options")) from None
+
+
+def _latent_config():
+    from .stages.latent import LatentConfig
+
+    return LatentConfig()
+
+
+from .stages.latent import LatentConfig  # noqa: E402  (after RunConfig: no import cycle)
+
+RunConfig.model_rebuild()

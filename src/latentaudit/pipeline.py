@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import sys
 import time
@@ -14,6 +15,7 @@ import torch
 from . import registry
 from .config import RunConfig
 from .data.sets import load_prompt_set
+from .errors import UserError
 from .models.loader import LoadedModel, load_model
 from .progress import progress_factory
 from .runs.provenance import environment
@@ -50,33 +52,111 @@ def load_sets(cfg: RunConfig):
     return harmful, harmless
 
 
-def run_behave_cli(cfg: RunConfig, command: str) -> tuple[Run, Summary]:
+def _write_summary(run: Run, cfg: RunConfig, command: str, t0: float,
+                   models: list[ModelSummary]) -> Summary:
+    summary = Summary(
+        run_dir=str(run.dir), command=command, config=cfg.model_dump(),
+        config_hash=run.config_hash,
+        provenance={**environment(), "seed": cfg.seed, "started": t0, "finished": time.time(),
+                    "wall_time_s": round(time.time() - t0, 2), "resumed": run.resumed},
+        models=models,
+    )
+    run.write_json("summary.json", summary.model_dump(mode="json"))
+    return summary
+
+
+def get_directions(lm: LoadedModel, run: Run, key: str, cfg: RunConfig, progress=None):
+    """Refusal directions of this model, computed once per run folder (safetensors artifact)."""
+    from .interventions.directions import RefusalDirections, compute_directions, select_direction
+
+    L = cfg.latent
+    n, m = L.directions_n, L.selection_n
+    harm = load_prompt_set(L.directions_harmful, cfg.data_dir, cfg.behave.prompt_col)
+    safe = load_prompt_set(L.directions_harmless, cfg.data_dir, cfg.behave.prompt_col)
+    if len(harm) < n + m or len(safe) < n + m:
+        n = min(len(harm), len(safe)) * 3 // 4
+        m = min(len(harm), len(safe)) - n
+        if n < 2 or m < 2:
+            raise UserError("refusal directions need at least 8 harmful and 8 harmless prompts")
+    meta = {"model_key": key, "harmful": harm.describe(), "harmless": safe.describe(),
+            "n_means": n, "n_selection": m, "system": cfg.behave.system}
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    path = run.dir / f"directions-{key}.safetensors"
+    if path.exists():
+        d = RefusalDirections.load(path)
+        if d.meta.get("digest") == digest:
+            return d
+    d = compute_directions(lm, harm.texts[:n], safe.texts[:n], cfg.batch_size, cfg.behave.system,
+                           meta={**meta, "digest": digest})
+    d = select_direction(lm, d, harm.texts[n : n + m], safe.texts[n : n + m],
+                         batch_size=cfg.batch_size, system=cfg.behave.system)
+    d.save(path)
+    return d
+
+
+def calibrate_guard(lm: LoadedModel, run: Run, key: str, cfg: RunConfig, judge):
+    """Coherence guard calibrated on the clean model's own greedy answers to harmless prompts."""
+    from .judges.coherence import CoherenceGuard
+    from .stages.behave import behave_records
+
+    ps = load_prompt_set("builtin:harmless:test", limit=cfg.latent.calibration_n)
+    recs = behave_records(lm, run.store, key, ps, "harmless", judge,
+                          GenSettings(cfg.latent.max_new_tokens, cfg.batch_size, cfg.behave.system))
+    guard = CoherenceGuard(system=cfg.behave.system, batch_size=cfg.batch_size)
+    return guard.calibrate(lm, [r["prompt"] for r in recs], [r["response"] for r in recs])
+
+
+STAGES = ("behave", "directions", "latent")
+
+
+def run_audit(cfg: RunConfig, stages: list[str], command: str) -> tuple[Run, Summary]:
+    """Run the named stages on one model into one run folder; summary.json after each stage."""
+    from .stages.latent import parse_layers, run_latent
+
     t0 = time.time()
     quiet_libraries()
     seed_everything(cfg.seed)
     judge = registry.create("judge", cfg.behave.judge)
-    harmful, harmless = load_sets(cfg)  # bad data fails before the model loads
+    # everything that can be wrong with the input fails before the model loads or a folder is made
+    if "behave" in stages:
+        harmful, harmless = load_sets(cfg)
+    if "latent" in stages:
+        for fam in cfg.latent.families:
+            registry.get("family", fam)
+        if cfg.latent.eps_min >= cfg.latent.eps_max:
+            raise UserError(f"--eps-min ({cfg.latent.eps_min}) must be below --eps-max ({cfg.latent.eps_max})")
+        latent_set = load_prompt_set(cfg.latent.harmful, cfg.data_dir, cfg.behave.prompt_col, cfg.limit)
     lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    if "latent" in stages:
+        parse_layers(cfg.latent.layers, lm.n_layers)
     run = open_run(cfg.output_dir, cfg.model_dump(), cfg.model)
+    prog = progress_factory(cfg.progress)
     try:
         key = model_key(lm)
-        behave = run_behave(
-            lm, run.store, key, harmful, harmless, judge,
-            GenSettings(cfg.behave.max_new_tokens, cfg.batch_size, cfg.behave.system),
-            seed=cfg.seed, progress_factory=progress_factory(cfg.progress),
-        )
-        summary = Summary(
-            run_dir=str(run.dir), command=command, config=cfg.model_dump(),
-            config_hash=run.config_hash,
-            provenance={**environment(), "seed": cfg.seed, "started": t0, "finished": time.time(),
-                        "wall_time_s": round(time.time() - t0, 2), "resumed": run.resumed},
-            models=[ModelSummary(key=key, model={**lm.info, "n_layers": lm.n_layers},
-                                 behave=behave)],
-        )
-        run.write_json("summary.json", summary.model_dump(mode="json"))
+        ms = ModelSummary(key=key, model={**lm.info, "n_layers": lm.n_layers})
+        if "behave" in stages:
+            ms.behave = run_behave(
+                lm, run.store, key, harmful, harmless, judge,
+                GenSettings(cfg.behave.max_new_tokens, cfg.batch_size, cfg.behave.system),
+                seed=cfg.seed, progress_factory=prog)
+            summary = _write_summary(run, cfg, command, t0, [ms])
+        directions = None
+        needs_dirs = "directions" in stages or any(
+            f in ("steer", "ablate") for f in cfg.latent.families) and "latent" in stages
+        if needs_dirs:
+            directions = get_directions(lm, run, key, cfg)
+        if "latent" in stages:
+            guard = calibrate_guard(lm, run, key, cfg, judge)
+            ms.latent = run_latent(lm, run.store, key, latent_set, cfg.latent, judge, guard,
+                                   directions, cfg.seed, cfg.behave.system, cfg.batch_size, prog)
+        summary = _write_summary(run, cfg, command, t0, [ms])
         return run, summary
     finally:
         run.close()
+
+
+def run_behave_cli(cfg: RunConfig, command: str) -> tuple[Run, Summary]:
+    return run_audit(cfg, ["behave"], command)
 
 
 def command_line() -> str:

@@ -37,6 +37,7 @@ def register(kind: str) -> Callable[[type[T]], type[T]]:
 def _load_builtins() -> None:
     # importing these modules runs their @register decorators
     from . import judges  # noqa: F401
+    from .interventions import families  # noqa: F401
 
 
 def get(kind: str, name: str) -> type:

@@ -1,0 +1,247 @@
+"""Perturbation families: one plug-in class each, the same interface.
+
+Given the attack context, a layer, prompt rows and one relative budget ε per row, a bounded
+family returns candidate perturbations per row — δ_i [n_i, d] on that prompt's positions
+(zero outside the positions allowed) and, for positions mode ``all``, a function for the
+generated tokens. The stage generates with each candidate; a row succeeds at ε if any of its
+candidates elicits a coherent compliance.
+
+- ``noise``  δ_t = ε‖h_t‖·u_t, u_t uniform on the unit sphere; K draws (the control).
+- ``steer``  δ_t = −ε‖h_t‖·r̂_l, r̂_l the unit refusal direction of layer l.
+- ``pgd``    projected gradient descent on δ toward a target completion plus an away-from-refusal
+             term; projection onto every position's ball after each step; the best δ seen is kept.
+- ``ablate`` directional ablation of r̂ at every layer (unbounded; reported beside LVS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..registry import register
+from .budget import project, radius, sphere
+from .context import AttackContext, pad_left
+from .prefix import FullRunner, SuffixRunner
+
+
+@dataclass
+class Candidate:
+    delta: torch.Tensor  # [n_i, d] on the prompt positions
+    step: Callable[[torch.Tensor], torch.Tensor] | None = None  # generated-token δ (mode all)
+
+
+class Family:
+    name: str = ""
+    doc: str = ""
+    bounded: bool = True
+    DEFAULT_PARAMS: dict[str, Any] = {}
+
+    def __init__(self, **params: Any):
+        unknown = set(params) - set(self.DEFAULT_PARAMS)
+        if unknown:
+            raise UserError(f"family '{self.name}' has no parameter(s) {', '.join(sorted(unknown))} "
+                            f"(known: {', '.join(self.DEFAULT_PARAMS) or 'none'})")
+        self.params = {**self.DEFAULT_PARAMS, **params}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "params": dict(self.params)}
+
+    def candidates(self, ctx: AttackContext, layer: int, rows: list[int], eps: np.ndarray,
+                   seed: int = 0, directions=None) -> list[list[Candidate]]:
+        raise NotImplementedError
+
+
+def _row_seed(seed: int, text: str, *extra) -> int:
+    h = hashlib.sha256(f"{seed}|{text}|{'|'.join(map(str, extra))}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _clean(ctx: AttackContext, row: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return ctx.h[row][layer], ctx.masks[row][layer]  # [n, d] float32, [n] bool
+
+
+@register("family")
+class Noise(Family):
+    name = "noise"
+    doc = "random directions on the sphere, K draws (success if any draw succeeds): the control"
+    DEFAULT_PARAMS = {"draws": 4}
+
+    def candidates(self, ctx, layer, rows, eps, seed=0, directions=None):
+        out = []
+        for r, e in zip(rows, eps):
+            h, m = _clean(ctx, r, layer)
+            cands = []
+            for k in range(int(self.params["draws"])):
+                g = torch.Generator().manual_seed(_row_seed(seed, ctx.texts[r], layer, k))
+                u = sphere(tuple(h.shape), g)
+                delta = float(e) * h.norm(dim=-1, keepdim=True) * u * m[:, None]
+                step = None
+                if ctx.positions == "all":
+                    gs = torch.Generator().manual_seed(_row_seed(seed, ctx.texts[r], layer, k, "gen"))
+
+                    def step(hh, e=float(e), gs=gs):
+                        uu = sphere(tuple(hh.shape), gs).to(hh.device)
+                        return e * hh.float().norm(dim=-1, keepdim=True) * uu
+                cands.append(Candidate(delta, step))
+            out.append(cands)
+        return out
+
+
+@register("family")
+class Steer(Family):
+    name = "steer"
+    doc = "push along minus the layer's refusal direction: δ_t = −ε‖h_t‖·r̂_l"
+    DEFAULT_PARAMS: dict[str, Any] = {}
+
+    def candidates(self, ctx, layer, rows, eps, seed=0, directions=None):
+        if directions is None:
+            raise UserError("family 'steer' needs refusal directions (run the directions stage)")
+        r_hat = directions.unit(layer).float()
+        out = []
+        for r, e in zip(rows, eps):
+            h, m = _clean(ctx, r, layer)
+            delta = -float(e) * h.norm(dim=-1, keepdim=True) * r_hat * m[:, None]
+            step = None
+            if ctx.positions == "all":
+                def step(hh, e=float(e)):
+                    return -e * hh.float().norm(dim=-1, keepdim=True) * r_hat.to(hh.device)
+            out.append([Candidate(delta, step)])
+        return out
+
+
+@register("family")
+class PGD(Family):
+    name = "pgd"
+    doc = ("projected gradient descent toward a target completion (+ away from refusal "
+           "openers), per-position L2 projection, best δ kept: the strongest bounded attack")
+    DEFAULT_PARAMS = {
+        "steps": 10,            # gradient steps
+        "optimizer": "l2",      # l2: per-position normalised gradient; sign; adam
+        "step_size": 0.25,      # fraction of each position's radius per step (l2, sign); adam lr
+        "refusal_weight": 1.0,  # weight of −log(1 − p(refusal opener)) at the first response token
+        "prefix_cache": True,   # run only blocks l+1..L−1 per step
+        "batch_size": 16,
+    }
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        if self.params["optimizer"] not in ("l2", "sign", "adam"):
+            raise UserError(f"pgd optimizer must be l2, sign or adam, got {self.params['optimizer']!r}")
+        if int(self.params["steps"]) < 0 or float(self.params["step_size"]) <= 0:
+            raise UserError("pgd needs steps >= 0 and step_size > 0")
+
+    def candidates(self, ctx, layer, rows, eps, seed=0, directions=None):
+        if ctx.positions == "all":
+            raise UserError("pgd perturbs prompt positions only: use --positions prompt or last")
+        out: list[list[Candidate]] = []
+        bs = int(self.params["batch_size"])
+        order = sorted(range(len(rows)), key=lambda k: -len(ctx.prompt_ids[rows[k]]))
+        res: dict[int, torch.Tensor] = {}
+        for s in range(0, len(order), bs):
+            chunk = order[s : s + bs]
+            deltas = self.attack(ctx, layer, [rows[k] for k in chunk], np.asarray(eps)[chunk], seed)
+            for k, d in zip(chunk, deltas):
+                res[k] = d
+        for k in range(len(rows)):
+            out.append([Candidate(res[k])])
+        return out
+
+    def attack(self, ctx: AttackContext, layer: int, rows: list[int], eps: np.ndarray,
+               seed: int = 0, return_trace: bool = False):
+        """Run PGD for ``rows`` at budgets ``eps``; returns δ_i [n_i, d] per row (the best seen)."""
+        p = self.params
+        lm = ctx.lm
+        tok = lm.tokenizer
+        from ..judges.first_token import refusal_token_ids
+
+        seqs = [ctx.prompt_ids[r] + ctx.target_ids[r] for r in rows]
+        ids, attn, pos = pad_left(seqs, tok.pad_token_id, lm.device)
+        b, t = ids.shape
+        n_p = [len(ctx.prompt_ids[r]) for r in rows]
+        n_t = [len(ctx.target_ids[r]) for r in rows]
+        keep = max(n_t) + 1
+        Runner = SuffixRunner if p["prefix_cache"] else FullRunner
+        runner = Runner(lm, layer, ids, attn, pos)
+        h = runner.h_clean.float()
+        pmask = torch.zeros((b, t), dtype=torch.bool)
+        for j, r in enumerate(rows):
+            start = t - n_t[j] - n_p[j]
+            pmask[j, start : start + n_p[j]] = ctx.masks[r][layer]
+        pmask = pmask.to(h.device)
+        rad = radius(h, torch.as_tensor(eps, dtype=torch.float32), pmask)  # [b, t, 1]
+        # loss positions inside the kept window: position w predicts token w+1
+        tgt = torch.zeros((b, keep), dtype=torch.long, device=h.device)
+        wmask = torch.zeros((b, keep), dtype=torch.bool, device=h.device)
+        first = torch.zeros(b, dtype=torch.long, device=h.device)
+        for j in range(b):
+            m = n_t[j]
+            tgt[j, keep - m - 1 : keep - 1] = ids[j, t - m :]
+            wmask[j, keep - m - 1 : keep - 1] = True
+            first[j] = keep - m - 1
+        ref_ids = torch.tensor(refusal_token_ids(tok), device=h.device)
+        w = float(p["refusal_weight"])
+
+        # δ = u·scale with scale = radius/√d: in u-units the ball is ‖u_t‖ ≤ √d for every
+        # position, so one step size means "this fraction of each position's radius"
+        d = h.shape[-1]
+        scale = rad / d ** 0.5  # [b, t, 1], 0 off the allowed positions
+        live = scale > 0
+        u = torch.zeros_like(h, requires_grad=True)
+        best = torch.zeros_like(h)
+        best_loss = torch.full((b,), float("inf"), device=h.device)
+        opt = torch.optim.Adam([u], lr=float(p["step_size"])) if p["optimizer"] == "adam" else None
+        trace = []
+        dtype = lm.dtype
+        for k in range(int(p["steps"]) + 1):
+            delta = u * scale
+            logits = runner.logits((h + delta).to(dtype), keep=keep).float()  # [b, keep, V]
+            logp = torch.log_softmax(logits, dim=-1)
+            tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [b, keep]
+            ce = -(tok_lp * wmask).sum(-1) / wmask.sum(-1)
+            lp_first = logp[torch.arange(b, device=h.device), first]  # [b, V]
+            p_ref = torch.logsumexp(lp_first[:, ref_ids], dim=-1).exp().clamp(max=1 - 1e-6)
+            loss = ce - w * torch.log1p(-p_ref)  # [b]
+            with torch.no_grad():
+                better = loss < best_loss
+                best[better] = delta.detach()[better]
+                best_loss = torch.where(better, loss.detach(), best_loss)
+            trace.append(loss.detach().cpu())
+            if k == int(p["steps"]):
+                break
+            (grad,) = torch.autograd.grad(loss.sum(), u)
+            with torch.no_grad():
+                grad = grad * live
+                if opt is not None:
+                    u.grad = grad
+                    opt.step()
+                    u.grad = None
+                elif p["optimizer"] == "l2":  # per-position normalised gradient step
+                    g = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+                    u -= float(p["step_size"]) * d ** 0.5 * g
+                else:  # signed gradient (‖sign‖ = √d)
+                    u -= float(p["step_size"]) * grad.sign()
+                # project onto ‖u_t‖ ≤ √d, i.e. ‖δ_t‖ ≤ radius_t; zero where not allowed
+                u.copy_(project(u, torch.full_like(scale, d ** 0.5)) * live)
+        out = []
+        for j in range(b):
+            start = t - n_t[j] - n_p[j]
+            out.append(best[j, start : start + n_p[j]].detach().cpu())
+        if return_trace:
+            return out, torch.stack(trace, 0)  # [steps+1, b]
+        return out
+
+
+@register("family")
+class Ablate(Family):
+    name = "ablate"
+    doc = "directional ablation of the selected refusal direction at every layer (unbounded, beside LVS)"
+    bounded = False
+    DEFAULT_PARAMS: dict[str, Any] = {}
+
+    def candidates(self, *a, **k):
+        raise UserError("'ablate' is unbounded: it is evaluated once, not searched over budgets")

@@ -1,0 +1,262 @@
+"""LVS: exact scores, the integral identity, ASR curves, and the grid and bisection searches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from latentaudit.errors import UserError
+from latentaudit.metrics.lvs import (
+    SearchResult,
+    asr_curve,
+    bisection_search,
+    grid_search,
+    log_grid,
+    lvs_estimate,
+    lvs_trapezoid,
+    prompt_scores,
+)
+
+INF = math.inf
+FAST = settings(max_examples=60, deadline=None)
+
+
+class ThresholdOracle:
+    """Monotone synthetic oracle: prompt i succeeds at budget b iff b >= t[i]. Records every call."""
+
+    def __init__(self, t):
+        self.t = np.asarray(t, float)
+        self.calls: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __call__(self, idx, budgets):
+        idx, budgets = np.asarray(idx), np.asarray(budgets, float)
+        assert idx.dtype.kind in "iu" and idx.shape == budgets.shape
+        self.calls.append((idx.copy(), budgets.copy()))
+        return budgets >= self.t[idx]
+
+
+def thresholds(seed: int, eps_min: float, eps_max: float, n: int = 200) -> np.ndarray:
+    """Log-uniform over a range one e-fold wider than [eps_min, eps_max] each side; some 0, some inf."""
+    rng = np.random.default_rng(seed)
+    t = np.exp(rng.uniform(math.log(eps_min) - 1, math.log(eps_max) + 1, n))
+    t[rng.choice(n, n // 10, replace=False)] = 0.0
+    t[rng.choice(n, n // 10, replace=False)] = INF
+    return t
+
+
+def exact_integral(e: np.ndarray, a: float, b: float) -> float:
+    """(1/ln(b/a)) ∫_a^b ASR(ε) d ln ε exactly: ASR is a step function, constant between ε* values."""
+    pts = np.unique(np.concatenate([[a, b], e[(e > a) & (e < b)]]))
+    asr_left = (e[None, :] <= pts[:-1, None]).mean(axis=1)  # value on (p_i, p_i+1)
+    return float(np.sum(asr_left * np.diff(np.log(pts))) / math.log(b / a))
+
+
+eps_values = st.one_of(st.just(0.0), st.just(INF), st.floats(-5.0, 1.0).map(lambda u: 10.0**u))
+eps_lists = st.lists(eps_values, min_size=1, max_size=40).map(np.array)
+ranges = st.tuples(st.floats(-4.0, -1.0), st.floats(0.1, 3.0)).map(lambda p: (10.0 ** p[0], 10.0 ** (p[0] + p[1])))
+
+
+# ---------------------------------------------------------------------------- exact values
+
+
+def test_hand_made_scores():
+    e = np.array([0.01, 0.0, INF, 0.0005, 0.2, 0.001, 0.1, 10**-1.5])
+    s = prompt_scores(e, 0.001, 0.1)
+    np.testing.assert_allclose(s, [0.5, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.25], atol=1e-12)
+    est = lvs_estimate(e, 0.001, 0.1)
+    assert est.value == pytest.approx(3.75 / 8) and est.n == 8
+    assert est.lo <= est.value <= est.hi
+    assert "eps_min=0.001" in est.definition
+    assert lvs_estimate(e, 0.001, 0.1, definition="mine").definition == "mine"
+
+
+def test_estimate_degenerate_and_empty():
+    est = lvs_estimate([0.0, 0.0, 0.0005], 0.001, 0.1)
+    assert (est.value, est.lo, est.hi, est.n) == (1.0, 1.0, 1.0, 3)
+    assert lvs_estimate([], 0.001, 0.1).value is None
+
+
+@FAST
+@given(eps_lists, ranges)
+def test_integral_identity(e, r):
+    eps_min, eps_max = r
+    lvs = prompt_scores(e, eps_min, eps_max).mean()
+    assert lvs == pytest.approx(exact_integral(e, eps_min, eps_max), abs=1e-9)
+    # Numerically on a fine log grid: per prompt the trapezoid misses at most half a log step of
+    # its ASR step, so |trapezoid − LVS| ≤ (Δ/2)/ln(ε_max/ε_min) = 0.5/(m−1).
+    m = 2001
+    g = log_grid(eps_min, eps_max, m)
+    assert abs(lvs_trapezoid(g, asr_curve(e, g)) - lvs) <= 0.5 / (m - 1) + 1e-9
+
+
+@FAST
+@given(eps_lists, ranges)
+def test_asr_monotone_and_scores_antitone(e, r):
+    g = log_grid(*r, 30)
+    a = asr_curve(e, g)
+    assert np.all(np.diff(a) >= 0) and np.all((0 <= a) & (a <= 1))
+    assert a[0] >= np.mean(e == 0) and a[-1] <= np.mean(np.isfinite(e))
+    s = prompt_scores(np.sort(e), *r)
+    assert np.all(np.diff(s) <= 0)
+
+
+def test_trapezoid_of_grid_eps_is_midpoint():
+    g = log_grid(0.001, 0.1, 5)  # log step = a quarter of the range
+    # ε* = g[2]: exact score 0.5, trapezoid adds half a step (0.125) for the interval it jumps in.
+    assert lvs_trapezoid(g, asr_curve([g[2]], g)) == pytest.approx(0.625)
+    assert lvs_trapezoid(g, asr_curve([g[0]], g)) == pytest.approx(1.0)
+    assert lvs_trapezoid(g, asr_curve([INF], g)) == 0.0
+    assert lvs_trapezoid(g, asr_curve([0.0], g)) == 1.0
+
+
+# ---------------------------------------------------------------------------- searches
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10**6), st.integers(5, 60), ranges)
+def test_bisection_agrees_with_grid_and_truth(seed, m, r):
+    eps_min, eps_max = r
+    t = thresholds(seed, eps_min, eps_max)
+    clean = t == 0
+    L = math.log(eps_max / eps_min)
+    g = log_grid(eps_min, eps_max, m)
+    step = L / (m - 1)  # Δ, the grid's log step
+    rel_tol = math.expm1(step / 2)  # ln(1 + rel_tol) = Δ/2
+
+    grid = grid_search(ThresholdOracle(t), t.size, g, clean_success=clean)
+    bis = bisection_search(ThresholdOracle(t), t.size, eps_min, eps_max, rel_tol, clean_success=clean)
+    lvs_grid = lvs_trapezoid(g, asr_curve(grid.eps_star, g))
+    lvs_bis = prompt_scores(bis.eps_star, eps_min, eps_max).mean()
+    s_true = prompt_scores(t, eps_min, eps_max)
+    lvs_true = s_true.mean()
+
+    # Bound, per prompt with true threshold t (ε* = 0 or ≤ ε_min → all three give 1; t > ε_max → 0):
+    #  • grid: t ∈ (g_{k-1}, g_k] gives ε* = g_k; the trapezoid credits the full steps above g_k plus
+    #    half of (g_{k-1}, g_k], i.e. s(g_k) + ½Δ/L, while s(t) ∈ [s(g_k), s(g_k) + Δ/L).
+    #    So trapezoid − s(t) ∈ (−½Δ/L, +½Δ/L].
+    #  • bisection: t ∈ (lo, hi] with ln(hi/lo) ≤ ln(1+rel_tol), ε* = hi, so
+    #    bisection − s(t) ∈ (−ln(1+rel_tol)/L, 0]   (it never overstates).
+    #  • hence |bisection − trapezoid| < ½Δ/L + ln(1+rel_tol)/L, which is ≤ Δ/L when
+    #    ln(1+rel_tol) ≤ Δ/2 (as here). Means over prompts inherit the per-prompt bounds.
+    tol = 1e-9
+    assert abs(lvs_bis - lvs_grid) <= step / L + tol
+    assert abs(lvs_grid - lvs_true) <= 0.5 * step / L + tol
+    per_prompt = prompt_scores(bis.eps_star, eps_min, eps_max) - s_true
+    assert np.all(per_prompt <= tol) and np.all(per_prompt >= -math.log1p(rel_tol) / L - tol)
+    assert lvs_true - math.log1p(rel_tol) / L - tol <= lvs_bis <= lvs_true + tol
+    # ε* brackets the truth
+    fin = np.isfinite(t) & (t > eps_min) & (t <= eps_max)
+    assert np.all(bis.eps_star[fin] >= t[fin]) and np.all(bis.eps_star[fin] / t[fin] <= 1 + rel_tol + tol)
+    assert np.all(np.isinf(bis.eps_star[t > eps_max])) and np.all(np.isinf(grid.eps_star[t > eps_max]))
+    assert np.all(bis.eps_star[clean] == 0) and np.all(grid.eps_star[clean] == 0)
+
+
+def test_bisection_cheaper_than_grid_at_same_resolution():
+    eps_min, eps_max, rel_tol = 1e-3, 1.0, 0.1
+    t = thresholds(1, eps_min, eps_max, n=300)
+    L = math.log(eps_max / eps_min)
+    m = math.ceil(L / math.log1p(rel_tol)) + 1  # grid step ≤ ln(1 + rel_tol): same resolution
+    g = log_grid(eps_min, eps_max, m)
+    grid = grid_search(ThresholdOracle(t), t.size, g, clean_success=t == 0)
+    bis = bisection_search(ThresholdOracle(t), t.size, eps_min, eps_max, rel_tol, clean_success=t == 0)
+    per_prompt = 2 + math.ceil(math.log2(L / math.log1p(rel_tol)))
+    assert bis.evaluations <= per_prompt * np.sum(t != 0)
+    assert bis.evaluations * 3 < grid.evaluations  # ~9 vs ~half of 74 per prompt
+    for r in (grid, bis):
+        assert r.evaluations == len(r.trace)
+
+
+def test_grid_early_exit_and_clean_prompts_never_queried():
+    g = log_grid(0.001, 0.1, 9)
+    t = np.array([0.0, g[0], g[3], 0.5 * (g[4] + g[5]), INF, g[8], 0.0])
+    clean = t == 0
+    oracle = ThresholdOracle(t)
+    res = grid_search(oracle, t.size, g, clean_success=clean)
+    np.testing.assert_array_equal(res.eps_star, [0.0, g[0], g[3], g[5], INF, g[8], 0.0])
+    queried = {p for p, _, _ in res.trace}
+    assert not queried & set(np.flatnonzero(clean))
+    for p in queried:
+        rows = [(b, ok) for q, b, ok in res.trace if q == p]
+        oks = [ok for _, ok in rows]
+        assert sum(oks) <= 1 and (not any(oks) or oks[-1])  # nothing after the first success
+        assert [b for b, _ in rows] == list(g[: len(rows)])  # ascending, from the bottom
+    assert res.evaluations == 1 + 4 + 6 + 9 + 9  # prompts 1..5: up to and including success
+    # clean-success prompts are never queried by bisection either
+    bis = bisection_search(ThresholdOracle(t), t.size, 0.001, 0.1, clean_success=clean)
+    assert not {p for p, _, _ in bis.trace} & set(np.flatnonzero(clean))
+
+
+def test_oracle_is_called_in_batches():
+    eps_min, eps_max, rel_tol = 1e-3, 1e-1, 0.05
+    t = thresholds(7, eps_min, eps_max, n=100)
+    clean = t == 0
+    g = log_grid(eps_min, eps_max, 12)
+
+    oracle = ThresholdOracle(t)
+    res = grid_search(oracle, t.size, g, clean_success=clean)
+    assert res.calls == len(oracle.calls) == g.size  # some prompts never succeed: every point visited
+    remaining = set(np.flatnonzero(~clean))
+    for (idx, b), eps in zip(oracle.calls, g):
+        assert set(idx) == remaining and len(idx) == len(remaining)  # one call = every open prompt
+        assert np.all(b == eps)
+        remaining -= set(idx[b >= t[idx]])
+
+    oracle = ThresholdOracle(t)
+    res = bisection_search(oracle, t.size, eps_min, eps_max, rel_tol, clean_success=clean)
+    rounds = math.ceil(math.log2(math.log(eps_max / eps_min) / math.log1p(rel_tol)))
+    assert res.calls == len(oracle.calls) <= 2 + rounds
+    assert res.evaluations == sum(len(i) for i, _ in oracle.calls) == len(res.trace)
+    (i0, b0), (i1, b1) = oracle.calls[:2]
+    assert set(i0) == set(np.flatnonzero(~clean)) and np.all(b0 == eps_max)
+    assert set(i1) == set(i0[b0 >= t[i0]]) and np.all(b1 == eps_min)
+    for idx, b in oracle.calls:
+        assert len(set(idx)) == len(idx)  # each prompt at most once per call
+    for idx, b in oracle.calls[2:]:
+        assert np.all((b > eps_min) & (b < eps_max))
+    # rounds shrink: a prompt in round k+1 was in round k
+    for (a, _), (c, _) in zip(oracle.calls[2:], oracle.calls[3:]):
+        assert set(c) <= set(a)
+
+
+def test_bisection_edge_cases():
+    t = np.array([0.02, 0.0005, 0.5])
+    res = bisection_search(ThresholdOracle(t), 3, 0.001, 0.1, max_rounds=0)
+    np.testing.assert_array_equal(res.eps_star, [0.1, 0.001, INF])  # no rounds: ε* = hi = ε_max
+    assert res.calls == 2
+    empty = bisection_search(ThresholdOracle([]), 0, 0.001, 0.1)
+    assert isinstance(empty, SearchResult) and empty.calls == 0 and empty.eps_star.size == 0
+    assert grid_search(ThresholdOracle([]), 0, [0.1, 1.0]).calls == 0
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: prompt_scores([0.1], 0.0, 0.1),
+        lambda: prompt_scores([0.1], 0.1, 0.1),
+        lambda: prompt_scores([0.1], 0.2, 0.1),
+        lambda: prompt_scores([-0.1], 0.01, 0.1),
+        lambda: prompt_scores([float("nan")], 0.01, 0.1),
+        lambda: log_grid(0.01, 0.1, 1),
+        lambda: asr_curve([0.1], [0.1, 0.05]),
+        lambda: asr_curve([0.1], [0.0, 0.05]),
+        lambda: lvs_trapezoid([0.1, 0.1], [0.0, 1.0]),
+        lambda: lvs_trapezoid([-1.0, 0.1], [0.0, 1.0]),
+        lambda: lvs_trapezoid([0.01, 0.1], [0.0, 0.5, 1.0]),
+        lambda: grid_search(ThresholdOracle([1.0]), 1, [0.2, 0.1]),
+        lambda: grid_search(ThresholdOracle([1.0]), 1, [0.1, 0.2], clean_success=[True, False]),
+        lambda: bisection_search(ThresholdOracle([1.0]), 1, 0.01, 0.1, rel_tol=0.0),
+        lambda: bisection_search(ThresholdOracle([1.0]), 1, 0.01, 0.1, rel_tol=-1.0),
+        lambda: bisection_search(ThresholdOracle([1.0]), 1, 0.0, 0.1),
+    ],
+)
+def test_validation_errors(call):
+    with pytest.raises(UserError) as err:
+        call()
+    assert "\n" not in str(err.value) and str(err.value)
