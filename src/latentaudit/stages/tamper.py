@@ -437,7 +437,8 @@ def encode_pair(tok, prompt: str, completion: str, *, system: str | None = None,
     chat = has_chat_template(tok)
     prefix = format_prompt(tok, prompt, system)
     p_ids = tok(prefix, add_special_tokens=not chat)["input_ids"]
-    stops = _stop_ids(tok)
+    # the end of the assistant turn: the first generation stop id or special token after it
+    stops = _stop_ids(tok) | set(getattr(tok, "all_special_ids", []) or [])
     body: list[int]
     end: list[int] = []
     suffix_text = None
@@ -801,7 +802,7 @@ def run_tamper(
         k = key_at(s)
         return (f"behave/{k}/{settings.key(k, judge_desc)}/{eval_ps.name}/",
                 f"tamper-nll/{k}/{gkey_clean}/{util_ps.name}/",
-                f"tamper-meta/{k}" + ("" if s else f"/{akey}"))
+                f"tamper-meta/{k}")
 
     def complete(s: int) -> bool:
         ep, up, mk = prefixes(s)
