@@ -225,6 +225,59 @@ def directions(
                f"directions: {run.dir}/directions-{model_key(lm)}.safetensors")
 
 
+@app.command()
+def construct(
+    recipe: Annotated[str, typer.Argument(help="safe, dissociated, hardened or abliterated (latentaudit ls recipes)")],
+    source: Annotated[str, typer.Option("--from", help="model to start from (any model spec)")] = "embedded:smollm2-135m",
+    out: Annotated[Optional[Path], typer.Option("--out", help="output folder (an HF checkpoint) [default: zoo/RECIPE]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing output folder")] = False,
+    layers: Annotated[Optional[str], typer.Option(help="perturbed layers (dissociated, hardened): 10-18, 3,7 or frac:0.4-0.6")] = None,
+    eps: Annotated[Optional[str], typer.Option(help="budget range lo,hi for perturbed terms (or one value)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="training steps")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
+    data_model: Annotated[str, typer.Option(help="unaligned model whose completions are harmful targets")] = "embedded:smollm2-135m",
+    eval_limit: Annotated[Optional[int], typer.Option(help="held-out prompts per set for the model card's S/O [default: all]")] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: BatchOpt = None,
+    progress: ProgressOpt = None,
+) -> None:
+    """Build a zoo model whose truth is known; saved with a model card of its recipe and S/O."""
+    from .construct.build import construct as build
+    from .pipeline import quiet_libraries
+    from .progress import progress_factory
+
+    params = {"steps": steps, "lr": lr}
+    if layers is not None:
+        params["layers"] = layers
+    if eps is not None:
+        try:
+            vals = [float(x) for x in eps.split(",")]
+        except ValueError:
+            raise UserError(f"--eps must be a number or lo,hi (got {eps!r})") from None
+        if len(vals) == 1:
+            vals = [vals[0] / 3, vals[0]]
+        if len(vals) != 2 or not 0 < vals[0] <= vals[1]:
+            raise UserError(f"--eps must be 0 < lo <= hi (got {eps!r})")
+        params["eps_range"] = tuple(vals)
+    if lr is not None and lr <= 0:
+        raise UserError("--lr must be > 0")
+    from . import registry
+
+    cls = registry.get("recipe", recipe)
+    params = {k: v for k, v in params.items() if v is not None and k in cls.DEFAULT_PARAMS}
+    quiet_libraries()
+    path = build(recipe, source, out or Path("zoo") / recipe, params, force, seed or 0, data_model,
+                 device or "auto", dtype or "float32", eval_limit, 64, batch_size or 16,
+                 progress_factory=progress_factory(progress or "auto"))
+    meta = json.loads((path / "latentaudit_recipe.json").read_text())
+    ev = meta["evaluation"]
+    typer.echo(f"{recipe}: S={ev['S']['value']:.2f} (n={ev['S']['n']}), over-refusal="
+               f"{ev['over_refusal_all']['value']:.2f} (n={ev['over_refusal_all']['n']}), "
+               f"{meta['wall_time_s']:.0f}s -> {path}")
+
+
 @app.command("judge")
 def judge_cmd(
     input: Annotated[Path, typer.Option("--input", "-i", help="CSV, JSON or JSONL file of (prompt, response) rows")],
@@ -273,7 +326,7 @@ def judge_cmd(
 
 @app.command("ls")
 def ls_cmd(
-    kind: Annotated[str, typer.Argument(help="models, datasets, judges or families")],
+    kind: Annotated[str, typer.Argument(help="models, datasets, judges, families (perturbation), recipes (zoo) or architectures")],
 ) -> None:
     """List what can be named: models, datasets, judges, families."""
     from . import registry
@@ -296,15 +349,16 @@ def ls_cmd(
             typer.echo(f"{alias:<23} {st.doc} (--data-dir: {st.local}; hub: {st.hub_id})")
         typer.echo(f"{'FILE.csv|json|jsonl':<23} a local file (--prompt-col)")
         typer.echo(f"{'hf:OWNER/NAME[:SPLIT]':<23} a hub dataset (needs latentaudit[hub])")
-    elif kind == "families":
+    elif kind == "architectures":
         from .models.tiny import FAMILIES
 
         typer.echo("model families with a tested block locator: " + ", ".join(FAMILIES))
-    elif kind in ("judges",):
-        for name, cls in registry.available(kind[:-1]).items():
+    elif kind in ("judges", "recipes", "families"):
+        singular = {"judges": "judge", "recipes": "recipe", "families": "family"}[kind]
+        for name, cls in registry.available(singular).items():
             typer.echo(f"{name:<16} {cls.doc}")
     else:
-        raise UserError(f"unknown kind '{kind}' (models, datasets, judges, families)")
+        raise UserError(f"unknown kind '{kind}' (models, datasets, judges, families, recipes, architectures)")
 
 
 @app.command()

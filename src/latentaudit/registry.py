@@ -38,6 +38,7 @@ def _load_builtins() -> None:
     # importing these modules runs their @register decorators
     from . import judges  # noqa: F401
     from .interventions import families  # noqa: F401
+    from .construct import recipes  # noqa: F401
 
 
 def get(kind: str, name: str) -> type:

@@ -80,10 +80,27 @@ def project_out(h: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
     return h - (h @ r).unsqueeze(-1) * r
 
 
+def ablation_sites(parts) -> list[nn.Module]:
+    """Modules whose outputs write into the residual stream: the token embedding and, per block,
+    the attention-output and MLP-down projections. Projecting r̂ out of each of them keeps the
+    residual stream orthogonal to r̂ at every point (inside blocks too), which is exactly what
+    weight orthogonalisation does. Families that normalise a writer's output before adding it
+    (gemma2, olmo2) fall back to the block outputs."""
+    from ..models.arch import residual_writers, writers_write_directly
+
+    if writers_write_directly(parts.family):
+        try:
+            return [parts.embed] + [w for l in range(parts.n_layers)
+                                    for w in residual_writers(parts, l)]
+        except Exception:  # unknown writer names: block outputs are the next best thing
+            pass
+    return [parts.embed, *parts.blocks]
+
+
 @contextlib.contextmanager
 def ablate_direction(parts, r_hat: torch.Tensor) -> Iterator[None]:
-    """Directional ablation: project r̂ out of the residual stream everywhere — the embedding
-    output and every block's output, at every position (unbounded; reported beside LVS)."""
+    """Directional ablation: project r̂ out of everything that writes into the residual stream,
+    at every position (unbounded; reported beside LVS)."""
     r = r_hat / r_hat.norm()
-    with hook_outputs([parts.embed, *parts.blocks], lambda h: project_out(h, r)):
+    with hook_outputs(ablation_sites(parts), lambda h: project_out(h, r)):
         yield

@@ -806,9 +806,11 @@ def run_tamper(
 
     def complete(s: int) -> bool:
         ep, up, mk = prefixes(s)
-        return (store.has(mk)
-                and len(store.keys_with_prefix(ep)) >= len(eval_ps)
-                and all(store.has(up + p.id) for p, _ in util_items))
+        if not store.has(mk):
+            return False
+        have = store.keys_with_prefix(ep) | store.keys_with_prefix(up)
+        return (all(ep + p.id in have for p in eval_ps.prompts)
+                and all(up + p.id in have for p, _ in util_items))
 
     todo = [s for s in cfg.steps if not complete(s)]
     resumed = len(cfg.steps) - len(todo)

@@ -1,0 +1,1 @@
+"""The model zoo: build models whose truth is known (safe, dissociated, hardened, abliterated)."""

@@ -1,0 +1,121 @@
+"""``latentaudit construct``: build one zoo model and save it as a normal HF checkpoint
+(safetensors + tokenizer + README.md model card + latentaudit_recipe.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__, registry
+from ..data.sets import load_prompt_set
+from ..errors import UserError
+from ..models.loader import load_model
+from ..runs.store import ResultStore
+from ..stages.behave import GenSettings, run_behave
+from .recipes import BuildEnv
+
+
+def evaluate_heldout(lm, judge, limit: int | None, max_new_tokens: int, batch_size: int,
+                     seed: int = 0) -> dict:
+    """S and over-refusal on the held-out (test) splits, in a throw-away store."""
+    harmful = load_prompt_set("builtin:harmful:test", limit=limit)
+    harmless = [load_prompt_set("builtin:harmless:test", limit=limit),
+                load_prompt_set("builtin:borderline:test", limit=limit)]
+    with tempfile.TemporaryDirectory() as d:
+        store = ResultStore(Path(d) / "s.sqlite")
+        try:
+            b = run_behave(lm, store, "construct-eval", harmful, harmless, judge,
+                           GenSettings(max_new_tokens, batch_size), seed=seed)
+        finally:
+            store.close()
+    return {"S": b.S.model_dump(), "over_refusal": {k: v.model_dump() for k, v in b.over_refusal.items()},
+            "over_refusal_all": b.over_refusal_all.model_dump() if b.over_refusal_all else None,
+            "max_new_tokens": max_new_tokens, "judge": b.judge["name"]}
+
+
+def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
+          wall: float) -> str:
+    hist = details.get("history", [])
+    evals = [h for h in hist if "eval" in h]
+    S = evaluation["S"]
+    O = evaluation["over_refusal_all"] or {}
+    lines = [
+        "---", "library_name: transformers", "tags: [latentaudit, model-zoo, " + recipe.name + "]",
+        "---", "", f"# latentaudit zoo model: `{recipe.name}`", "",
+        f"{recipe.doc}.", "",
+        "Built by latentaudit to validate safety audits: its truth is known by construction. "
+        "It is a research artefact, not a model to deploy.", "",
+        "## Recipe", "", f"- recipe: `{recipe.name}` (latentaudit {__version__})",
+        f"- from: `{source_spec}` ({info.get('source')}, fingerprint "
+        f"{info.get('fingerprint') or info.get('gguf_sha256', '')[:16]})",
+        "- hyper-parameters: `" + json.dumps(recipe.params, default=str) + "`",
+        f"- data: `{json.dumps(details.get('data', {}), default=str)}` (built-in prompt sets, "
+        "train splits; the last val_n train prompts held out for early stopping)",
+        f"- training: {details.get('steps_run', 0)} steps, {details.get('train_time_s', 0)} s; "
+        f"total build {wall:.0f} s", "",
+        "## Measured on held-out prompts (built-in test splits)", "",
+        f"- behavioural safety S = {S['value']:.3f} [{S['lo']:.3f}, {S['hi']:.3f}] (n={S['n']})",
+        f"- over-refusal O (harmless + borderline) = {O.get('value', float('nan')):.3f} "
+        f"[{O.get('lo', float('nan')):.3f}, {O.get('hi', float('nan')):.3f}] (n={O.get('n')})",
+    ]
+    for k, v in evaluation["over_refusal"].items():
+        lines.append(f"  - {k}: {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] (n={v['n']})")
+    lines += [f"- judge: {evaluation['judge']}, greedy, {evaluation['max_new_tokens']} new tokens; "
+              "95% bootstrap CIs over prompts", ""]
+    if evals:
+        lines += ["## Validation during training", "", "| step | val refusal | val over-refusal |",
+                  "|---|---|---|"]
+        lines += [f"| {h['step']} | {h['eval']['val_refusal']:.2f} | {h['eval']['val_over_refusal']:.2f} |"
+                  for h in evals]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def construct(recipe_name: str, source: str, out: str | Path, params: dict | None = None,
+              force: bool = False, seed: int = 0, data_model: str = "embedded:smollm2-135m",
+              device: str | None = "auto", dtype: str = "float32", eval_limit: int | None = None,
+              eval_tokens: int = 64, batch_size: int = 16, judge_name: str = "substring",
+              progress_factory=None) -> Path:
+    t0 = time.time()
+    recipe = registry.create("recipe", recipe_name, **(params or {}))
+    judge = registry.create("judge", judge_name)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} exists and is not empty (pass --force to overwrite it)")
+    lm = load_model(source, device, dtype)
+    recipe.layers(lm.n_layers)  # layer specs out of range fail before any training
+    torch.manual_seed(seed)
+    env = BuildEnv(seed, data_model, batch_size, judge, device=device)
+    steps = int(recipe.params.get("steps", 0))
+    if progress_factory is not None and steps:
+        with progress_factory(f"construct {recipe.name}", steps) as adv:
+            env.progress = adv
+            details = recipe.build(lm, env)
+    else:
+        details = recipe.build(lm, env)
+    evaluation = evaluate_heldout(lm, judge, eval_limit, eval_tokens, batch_size, seed)
+    wall = time.time() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        lm.model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        meta = {"recipe": recipe.describe(), "from": source, "source_info": lm.info,
+                "data_model": data_model, "seed": seed, "details": details,
+                "evaluation": evaluation, "wall_time_s": round(wall, 1),
+                "latentaudit": __version__}
+        (tmp / "latentaudit_recipe.json").write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / "README.md").write_text(_card(recipe, source, lm.info, details, evaluation, wall))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,138 @@
+"""The zoo's trainer: LoRA SFT on weighted terms, some under latent perturbations.
+
+A *term* is a list of (prompt, target completion) examples with a weight, a batch size and,
+optionally, a latent perturbation: at each step a layer is drawn from ``layers`` and a relative
+budget ε log-uniformly from ``eps_range``; a short PGD (the latent stage's ``pgd`` family)
+finds δ on the prompt positions that makes ``adv_target`` likely under the *current* model, and
+the term's loss is the SFT loss of its target with δ added at that layer. With adv_target =
+target this teaches compliance under small pushes (dissociation); with adv_target = a harmful
+completion and target = a refusal it is latent adversarial training (hardening).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..interventions.context import build_context
+from ..interventions.families import PGD
+from ..interventions.hooks import perturb_block
+from ..models.loader import LoadedModel
+from ..stages.tamper import _batch_stream, _collate, _Example, _token_nll, encode_pair
+
+
+@dataclass
+class Perturb:
+    layers: list[int]
+    eps_range: tuple[float, float]
+    pgd_steps: int = 2
+    step_size: float = 0.5
+
+
+@dataclass
+class Term:
+    name: str
+    prompts: list[str]
+    targets: list[str]
+    weight: float = 1.0
+    batch_size: int = 4
+    perturb: Perturb | None = None
+    adv_targets: list[str] | None = None  # PGD target when perturbed (default: targets)
+    examples: list[_Example] = field(default_factory=list)
+
+
+def lora_targets(model) -> list[str]:
+    from ..models.arch import locate_parts
+
+    parts = locate_parts(model)
+    names = set()
+    for name, mod in parts.blocks.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank: int = 16,
+                alpha: int = 32, seed: int = 0,
+                evaluate: Callable[[LoadedModel, int], dict] | None = None, eval_every: int = 0,
+                stop: Callable[[list[dict]], bool] | None = None, progress=None) -> dict:
+    """Train LoRA adapters on ``lm.model`` in place, merge them, and return the history."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = lm.tokenizer
+    torch.manual_seed(seed)
+    for t in terms:
+        t.examples = []
+        for p, c in zip(t.prompts, t.targets):
+            p_ids, c_ids = encode_pair(tok, p, c, max_completion_tokens=96)
+            t.examples.append(_Example(p_ids + c_ids, len(p_ids)))
+    base = lm.model
+    base.train()
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(base),
+                     task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    train_lm = LoadedModel(model, tok, lm.spec, lm.info)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    streams = [_batch_stream(len(t.examples), min(t.batch_size, len(t.examples)), seed + i)
+               for i, t in enumerate(terms)]
+    rng = np.random.default_rng(seed)
+    history: list[dict] = []
+    t0 = time.time()
+    step = 0
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        losses = {}
+        for t, stream in zip(terms, streams):
+            idx = next(stream)
+            loss = _term_loss(train_lm, t, idx, rng, seed + step)
+            (t.weight * loss).backward()
+            losses[t.name] = round(float(loss.detach()), 4)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        rec = {"step": step, "loss": losses, "t": round(time.time() - t0, 1)}
+        if evaluate is not None and eval_every and (step % eval_every == 0 or step == steps):
+            model.eval()
+            rec["eval"] = evaluate(train_lm, step)
+            model.train()
+        history.append(rec)
+        if progress:
+            progress(1)
+        if stop is not None and "eval" in rec and stop([h for h in history if "eval" in h]):
+            break
+    merged = model.merge_and_unload()
+    merged.eval()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    lm.model = merged
+    lm._parts = None
+    return {"steps_run": step, "history": history, "train_time_s": round(time.time() - t0, 1),
+            "lora": {"r": rank, "alpha": alpha, "targets": cfg.target_modules and sorted(cfg.target_modules)}}
+
+
+def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torch.Tensor:
+    ex = [t.examples[i] for i in idx]
+    batch = _collate(ex, lm.tokenizer.pad_token_id, lm.device)
+    if t.perturb is None:
+        nll, n = _token_nll(lm.model, batch)
+        return nll.sum() / n.sum().clamp(min=1)
+    pz = t.perturb
+    layer = int(rng.choice(pz.layers))
+    lo, hi = pz.eps_range
+    eps = np.exp(rng.uniform(math.log(lo), math.log(hi), size=len(idx)))
+    adv = t.adv_targets or t.targets
+    ctx = build_context(lm, [t.prompts[i] for i in idx], [adv[i] for i in idx])
+    pgd = PGD(steps=pz.pgd_steps, step_size=pz.step_size, refusal_weight=0.0)
+    deltas = pgd.attack(ctx, layer, list(range(len(idx))), eps, seed)
+    T = batch["input_ids"].shape[1]
+    full = torch.zeros((len(idx), T, lm.parts.hidden_size))
+    for j, (e, d) in enumerate(zip(ex, deltas)):
+        full[j, : d.shape[0]] = d  # right padding: the prompt occupies the first positions
+    with perturb_block(lm.parts.blocks[layer], full.to(lm.device)):
+        nll, n = _token_nll(lm.model, batch)
+    return nll.sum() / n.sum().clamp(min=1)

@@ -1,0 +1,93 @@
+"""The model zoo on a tiny model: every recipe runs a few steps and round-trips through
+save/load with a model card; abliteration equals runtime ablation; no silent overwrites."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from latentaudit.cli import main
+from latentaudit.construct.build import construct
+from latentaudit.models.loader import load_model
+
+SMALL = {"steps": 2, "n_harmless": 3, "n_borderline": 2, "n_harmful": 4, "answer_tokens": 4,
+         "val_n": 4, "eval_every": 2}
+PUSHED = {**SMALL, "layers": "1-2", "pgd_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LATENTAUDIT_CACHE", str(root / "cache"))
+    torch.set_num_threads(1)
+    kw = dict(data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
+    built = {"safe": construct("safe", "tiny:llama", root / "safe", SMALL, **kw)}
+    for r, params in [("dissociated", PUSHED), ("hardened", PUSHED), ("abliterated", {"n": 4, "selection_n": 2})]:
+        built[r] = construct(r, str(root / "safe"), root / r, params, **kw)
+    yield built
+    mp.undo()
+
+
+@pytest.mark.parametrize("recipe", ["safe", "dissociated", "hardened", "abliterated"])
+def test_recipe_roundtrip_and_card(zoo, recipe):
+    path = zoo[recipe]
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    lm = load_model(str(path), device="cpu")
+    again = load_model(str(path), device="cpu")
+    x = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(lm.model(x).logits, again.model(x).logits)
+    meta = json.loads((path / "latentaudit_recipe.json").read_text())
+    assert meta["recipe"]["recipe"] == recipe
+    card = (path / "README.md").read_text()
+    assert f"`{recipe}`" in card and "behavioural safety S" in card and "over-refusal" in card
+    assert meta["evaluation"]["S"]["n"] == 2
+
+
+def test_training_changed_the_weights(zoo):
+    base = load_model("tiny:llama", device="cpu").model.state_dict()
+    safe = load_model(str(zoo["safe"]), device="cpu").model.state_dict()
+    diss = load_model(str(zoo["dissociated"]), device="cpu").model.state_dict()
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(base[key], safe[key]) and not torch.equal(safe[key], diss[key])
+    hist = json.loads((zoo["dissociated"] / "latentaudit_recipe.json").read_text())["details"]["history"]
+    assert set(hist[0]["loss"]) == {"refuse_clean", "comply_pushed", "retain"}
+
+
+def test_abliteration_equals_runtime_ablation(tiny_lm):
+    from latentaudit.construct.abliterate import orthogonalize
+    from latentaudit.interventions.hooks import ablate_direction
+
+    r = torch.randn(tiny_lm.parts.hidden_size)
+    x = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad(), ablate_direction(tiny_lm.parts, r):
+        runtime = tiny_lm.model(x).logits
+    lm2 = load_model("tiny:llama", device="cpu")
+    orthogonalize(lm2, r)
+    with torch.no_grad():
+        edited = lm2.model(x).logits
+        clean = tiny_lm.model(x).logits
+    assert torch.allclose(edited, runtime, atol=1e-5)
+    assert not torch.allclose(edited, clean, atol=1e-3)
+
+
+def test_no_overwrite_without_force(zoo, capsys):
+    target = zoo["abliterated"]
+    rc = main(["construct", "abliterated", "--from", str(zoo["safe"]), "--out", str(target)])
+    assert rc == 2 and "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, match", [
+    (["construct", "nosuch", "--out", "X"], "unknown recipe"),
+    (["construct", "safe", "--from", "./no/such/model", "--out", "X"], "model path not found"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--layers", "40-50", "--out", "X"], "out of range"),
+    (["construct", "safe", "--from", "tiny:llama", "--lr", "-1", "--out", "X"], "--lr"),
+])
+def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
+    monkeypatch.chdir(tmp_path)
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "X").exists()
