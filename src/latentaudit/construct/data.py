@@ -66,5 +66,3 @@ def model_fingerprint(lm) -> str:
                or info.get("spec"))
 
 
-def answers_path_note() -> Path:
-    return cache_root() / "answers"
