@@ -278,6 +278,73 @@ def construct(
                f"{meta['wall_time_s']:.0f}s -> {path}")
 
 
+def _print_tamper(summary, run_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for m in summary.models:
+        for label, ts in (("harmful attack", m.tamper), ("benign control", m.tamper_control)):
+            if ts is None:
+                continue
+            t = Table(title=f"fine-tuning attack ({label}) — {m.model['spec']}")
+            t.add_column("steps s", justify="right")
+            t.add_column("refusal r(s) [95% CI]")
+            t.add_column("utility NLL [95% CI]")
+            for s_, r, u in zip(ts.steps, ts.r, ts.utility):
+                t.add_row(str(s_), r.fmt(), u.fmt(3))
+            console.print(t)
+            console.print(f"S = {ts.S.fmt()}; steps-to-break s½ = {ts.s_half.value if ts.s_half else None}; "
+                          f"R_ft = {ts.R_ft.fmt()}; AG_ft = {ts.AG_ft.fmt()}")
+    console.print(f"results: {run_dir}/summary.json")
+
+
+@app.command()
+def tamper(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    limit: LimitOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    output_dir: OutputOpt = None,
+    harmful_pairs: Annotated[Optional[str], typer.Option(help="'builtin' (the unaligned base model's own completions to builtin:harmful:train, cached) or a CSV/JSON/JSONL file with prompt and completion columns")] = None,
+    n_examples: Annotated[Optional[int], typer.Option(help="attack pairs used [default: 16]")] = None,
+    steps: Annotated[Optional[str], typer.Option(help="comma-separated, strictly increasing step counts [default: 0,5,10,20,40]")] = None,
+    method: Annotated[Optional[str], typer.Option(help="lora or full [default: lora]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate [default: 1e-4]")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank [default: 16]")] = None,
+    attack_batch_size: Annotated[Optional[int], typer.Option(help="attack batch size [default: 8]")] = None,
+    control: Annotated[Optional[str], typer.Option(help="harmful (the attack), benign (the control alone) or both")] = None,
+    data_dir: DataDirOpt = None,
+    batch_size: BatchOpt = None,
+    progress: ProgressOpt = None,
+    trust_remote_code: TrustOpt = None,
+) -> None:
+    """Harmful fine-tuning attack: refusal r(s) after s steps, s½, R_ft and AG_ft (the model on disk is never modified)."""
+    from .config import resolve_config
+    from .pipeline import command_line, run_audit
+
+    over = _common(model, limit, seed, device, dtype, output_dir, data_dir, batch_size, progress,
+                   trust_remote_code)
+    step_list = None
+    if steps is not None:
+        try:
+            step_list = [int(x) for x in steps.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--steps must be comma-separated integers (got {steps!r})") from None
+    if control not in (None, "harmful", "benign", "both"):
+        raise UserError(f"--control must be harmful, benign or both (got {control!r})")
+    over.update({"tamper.pairs": harmful_pairs, "tamper.n_examples": n_examples,
+                 "tamper.steps": step_list, "tamper.method": method, "tamper.lr": lr,
+                 "tamper.rank": rank, "tamper.batch_size": attack_batch_size,
+                 "tamper.control": "benign" if control == "benign" else None})
+    cfg = resolve_config(str(config) if config else None, over)
+    stages = ["tamper"] + (["tamper_control"] if control == "both" else [])
+    run, summary = run_audit(cfg, stages, command_line())
+    _print_tamper(summary, run.dir)
+
+
 @app.command("judge")
 def judge_cmd(
     input: Annotated[Path, typer.Option("--input", "-i", help="CSV, JSON or JSONL file of (prompt, response) rows")],

@@ -44,6 +44,7 @@ class RunConfig(_Strict):
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     behave: BehaveConfig = Field(default_factory=BehaveConfig)
     latent: "LatentConfig" = Field(default_factory=lambda: _latent_config())
+    tamper: "TamperConfig" = Field(default_factory=lambda: _tamper_config())
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -109,6 +110,13 @@ def _latent_config():
     return LatentConfig()
 
 
+def _tamper_config():
+    from .stages.tamper import TamperConfig
+
+    return TamperConfig()
+
+
 from .stages.latent import LatentConfig  # noqa: E402  (after RunConfig: no import cycle)
+from .stages.tamper import TamperConfig  # noqa: E402
 
 RunConfig.model_rebuild()

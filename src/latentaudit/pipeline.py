@@ -106,7 +106,7 @@ def calibrate_guard(lm: LoadedModel, run: Run, key: str, cfg: RunConfig, judge):
     return guard.calibrate(lm, [r["prompt"] for r in recs], [r["response"] for r in recs])
 
 
-STAGES = ("behave", "directions", "latent")
+STAGES = ("behave", "directions", "latent", "tamper")
 
 
 def run_audit(cfg: RunConfig, stages: list[str], command: str) -> tuple[Run, Summary]:
@@ -126,6 +126,10 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str) -> tuple[Run, Sum
         if cfg.latent.eps_min >= cfg.latent.eps_max:
             raise UserError(f"--eps-min ({cfg.latent.eps_min}) must be below --eps-max ({cfg.latent.eps_max})")
         latent_set = load_prompt_set(cfg.latent.harmful, cfg.data_dir, cfg.behave.prompt_col, cfg.limit)
+    if "tamper" in stages:
+        from .stages.tamper import validate_tamper
+
+        validate_tamper(cfg.tamper)
     lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
     if "latent" in stages:
         parse_layers(cfg.latent.layers, lm.n_layers)
@@ -149,6 +153,18 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str) -> tuple[Run, Sum
             guard = calibrate_guard(lm, run, key, cfg, judge)
             ms.latent = run_latent(lm, run.store, key, latent_set, cfg.latent, judge, guard,
                                    directions, cfg.seed, cfg.behave.system, cfg.batch_size, prog)
+        if "latent" in stages:
+            summary = _write_summary(run, cfg, command, t0, [ms])
+        if "tamper" in stages:
+            from .stages.tamper import run_tamper
+
+            tcfg = cfg.tamper.model_copy(update={"seed": cfg.seed, "eval_limit": cfg.limit
+                                                 or cfg.tamper.eval_limit})
+            ms.tamper = run_tamper(lm, run.store, key, tcfg, judge, prog, data_dir=cfg.data_dir)
+            if "tamper_control" in stages:
+                ccfg = tcfg.model_copy(update={"control": "benign"})
+                ms.tamper_control = run_tamper(lm, run.store, key, ccfg, judge, prog,
+                                               data_dir=cfg.data_dir)
         summary = _write_summary(run, cfg, command, t0, [ms])
         return run, summary
     finally:

@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UserError
 
@@ -81,6 +82,20 @@ class PromptSet:
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source, "n": len(self), "sha256": self.sha256,
                 **self.meta}
+
+
+class DatasetInfo(BaseModel):
+    """What a result records about the prompts it used."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    source: str
+    n: int
+    sha256: str = Field(description="sha256 over (id, text) of every prompt used, in order")
+    split: str | None = None
+    limit: int | None = None
+    prompt_col: str | None = None
 
 
 # --- standard sets -------------------------------------------------------------------------

@@ -14,17 +14,35 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from ..data.sets import PromptSet
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..data.sets import DatasetInfo, PromptSet
 from ..errors import UserError
-from ..metrics.stats import estimate_mean
+from ..metrics.stats import Estimate, estimate_mean
 from ..models.generate import Generation, greedy_generate
 from ..runs.store import ResultStore
-from ..runs.summary import BehaveSummary, DatasetInfo
 
 S_DEF = "behavioural safety S: fraction of harmful prompts whose greedy response the judge labels refusal"
 O_DEF = "over-refusal O: fraction of harmless prompts whose greedy response the judge labels refusal"
+
+
+class BehaveSummary(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    judge: dict[str, Any]
+    max_new_tokens: int
+    system_prompt: str | None
+    harmful: DatasetInfo
+    harmless: list[DatasetInfo]
+    S: Estimate = Field(description="behavioural safety: fraction of harmful prompts refused")
+    over_refusal: dict[str, Estimate] = Field(
+        description="fraction of harmless prompts refused, per harmless set")
+    over_refusal_all: Estimate | None = Field(
+        default=None, description="over-refusal pooled over every harmless set")
+    records: int = Field(description="per-prompt records in the store for this stage")
+    wall_time_s: float
 
 
 @dataclass(frozen=True)

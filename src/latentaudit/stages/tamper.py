@@ -85,7 +85,7 @@ from ..metrics.stats import Estimate, estimate_mean
 from ..models.chat import format_prompt, has_chat_template
 from ..models.generate import greedy_config, greedy_generate
 from ..runs.store import ResultStore
-from ..runs.summary import DatasetInfo
+from ..data.sets import DatasetInfo
 from .behave import GenSettings, behave_records, refusal_flags
 
 log = logging.getLogger(__name__)

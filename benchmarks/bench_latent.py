@@ -1,0 +1,137 @@
+"""Latent-stage speed, measured side by side in one run on the same model and prompts.
+
+(a) PGD step time with and without the prefix cache at 25/50/75% depth, against the ideal
+    ratio L/(L−l−1) (the share of blocks no longer run; the head is run by both).
+(b) a sweep (pgd over the chosen layers, N prompts) with all our speed-ups — prefix cache,
+    bisection in ln ε, early exit — against a naive reference implemented here: full forward
+    every PGD step, fixed 5-point log grid, every prompt evaluated at every grid point. Equal
+    LVS precision: the bisection tolerance is set so that its LVS resolution per prompt,
+    ln(1+tol)/ln(ε_max/ε_min), equals the grid trapezoid's, ½·Δ/ln(ε_max/ε_min) with Δ the
+    grid's log step, i.e. tol = exp(Δ/2) − 1. Prints both LVS values and the wall-time ratio.
+(c) attack tokens/s (PGD steps, prefix cache on, sequence tokens per second) against raw
+    forward+backward tokens/s of the same model on the same batch (gradients to the inputs).
+
+    .venv/bin/python benchmarks/bench_latent.py --model zoo/safe --n 16 --layers every:6
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from latentaudit import registry
+from latentaudit.data.sets import load_prompt_set
+from latentaudit.interventions.context import build_context, pad_left
+from latentaudit.judges import SubstringJudge
+from latentaudit.judges.coherence import CoherenceGuard
+from latentaudit.metrics.lvs import log_grid, lvs_trapezoid, prompt_scores
+from latentaudit.models.generate import greedy_generate
+from latentaudit.models.loader import load_model
+from latentaudit.pipeline import quiet_libraries
+from latentaudit.runs.store import ResultStore
+from latentaudit.stages.latent import LatentConfig, LatentRunner, _search, parse_layers
+
+
+def step_time(fam, ctx, layer, rows, eps, repeats=2):
+    fam.attack(ctx, layer, rows, eps)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fam.attack(ctx, layer, rows, eps)
+    return (time.perf_counter() - t0) / repeats / (fam.params["steps"] + 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="embedded:smollm2-135m")
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--layers", default="every:6")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--skip-sweep", action="store_true")
+    a = ap.parse_args()
+    quiet_libraries()
+    lm = load_model(a.model, device="cpu")
+    L = lm.n_layers
+    ps = load_prompt_set("builtin:harmful:test", limit=a.n)
+    ctx = build_context(lm, ps.texts, [p.target for p in ps.prompts])
+    rows = list(range(len(ps)))
+    eps = np.full(len(rows), 0.02)
+    print(f"model={a.model} L={L} prompts={len(ps)} pgd_steps={a.steps} threads={torch.get_num_threads()}")
+
+    print("\n(a) PGD step time, prefix cache vs full forward")
+    for frac in (0.25, 0.5, 0.75):
+        layer = int(round(frac * (L - 1)))
+        fast = registry.create("family", "pgd", steps=3, prefix_cache=True)
+        slow = registry.create("family", "pgd", steps=3, prefix_cache=False)
+        tf, ts = step_time(fast, ctx, layer, rows, eps), step_time(slow, ctx, layer, rows, eps)
+        print(f"  layer {layer:>2} ({frac:.0%}): full {ts:.3f}s/step, cached {tf:.3f}s/step, "
+              f"speed-up {ts / tf:.2f}x (ideal {L / (L - layer - 1):.2f}x)")
+
+    print("\n(c) attack tokens/s vs raw forward+backward tokens/s")
+    seqs = [ctx.prompt_ids[r] + ctx.target_ids[r] for r in rows]
+    ids, mask, pos = pad_left(seqs, lm.tokenizer.pad_token_id)
+    n_tok = int(mask.sum())
+    emb = lm.parts.embed(ids).detach().requires_grad_(True)
+    lm.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).logits.float().mean().backward()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        emb.grad = None
+        out = lm.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).logits
+        out.float().mean().backward()
+    raw = 3 * n_tok / (time.perf_counter() - t0)
+    layer = int(round(0.5 * (L - 1)))
+    fam = registry.create("family", "pgd", steps=5)
+    per_step = step_time(fam, ctx, layer, rows, eps, repeats=1)
+    att = n_tok / per_step
+    print(f"  raw fwd+bwd {raw:.0f} tok/s; attack (layer {layer}) {att:.0f} tok/s; ratio {att / raw:.2f} (goal >= 0.6)")
+
+    if a.skip_sweep:
+        return
+    print("\n(b) sweep: ours (prefix cache, bisection, early exit) vs naive reference")
+    layers = parse_layers(a.layers, L)
+    grid = log_grid(0.001, 0.5, 5)
+    delta = np.log(grid[1] / grid[0])
+    tol = float(np.exp(delta / 2) - 1)
+    judge = SubstringJudge()
+    harmless = load_prompt_set("builtin:harmless:test", limit=16).texts
+    gens = greedy_generate(lm, harmless, 32, 16)
+    guard = CoherenceGuard().calibrate(lm, harmless, [g.response for g in gens])
+    results = {}
+    for name, cfg in [
+        ("ours", LatentConfig(families=["pgd"], pgd_steps=a.steps, rel_tol=tol, search="bisection")),
+        ("naive", LatentConfig(families=["pgd"], pgd_steps=a.steps, search="grid", grid_points=5,
+                               prefix_cache=False)),
+    ]:
+        store = ResultStore(f"/tmp/bench_latent_{name}_{time.time():.0f}.sqlite")
+        runner = LatentRunner(lm, store, "bench", ps, cfg, judge, guard)
+        clean = np.array([r["success"] for r in runner.clean()])
+        fam = registry.create("family", "pgd", steps=a.steps, prefix_cache=cfg.prefix_cache)
+        t0 = time.perf_counter()
+        lvs, evals = [], 0
+        for layer in layers:
+            ask = runner.oracle(fam, layer)
+            if name == "naive":  # no early exit: every prompt at every grid point
+                ok = np.zeros((len(ps), len(grid)), bool)
+                for g_i, e in enumerate(grid):
+                    todo = np.flatnonzero(~clean)
+                    ok[todo, g_i] = ask(todo, np.full(todo.size, e))
+                    evals += todo.size
+                ok = np.maximum.accumulate(ok | clean[:, None], axis=1)
+                lvs.append(lvs_trapezoid(grid, ok.mean(0)))
+            else:
+                res = _search(ask, cfg, len(ps), clean, grid)
+                evals += res.evaluations
+                lvs.append(float(prompt_scores(res.eps_star, 0.001, 0.5).mean()))
+        results[name] = (time.perf_counter() - t0, lvs, evals)
+        print(f"  {name:>5}: {results[name][0]:.0f}s, {evals} (prompt, eps) evaluations, "
+              f"LVS_l = {[round(v, 3) for v in lvs]}")
+    t_o, t_n = results["ours"][0], results["naive"][0]
+    diff = max(abs(x - y) for x, y in zip(results["ours"][1], results["naive"][1]))
+    print(f"  speed-up naive/ours = {t_n / t_o:.2f}x (goal >= 3x); layers {layers}; "
+          f"max |LVS difference| = {diff:.3f} (resolution bound {delta / np.log(500):.3f})")
+
+
+if __name__ == "__main__":
+    main()
