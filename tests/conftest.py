@@ -78,3 +78,20 @@ def tiny_lm():
     from latentaudit.models.loader import load_model
 
     return load_model("tiny:llama", device="cpu")
+
+
+# a small `safe` zoo model of the real SmolLM2, built once per test session and shared by the
+# integration tests of the zoo, the latent stage and the fine-tuning attack (~3-4 min on 2 cores)
+SAFE_TEST_PARAMS = {"steps": 40, "n_harmless": 48, "n_borderline": 24, "answer_tokens": 32,
+                    "val_n": 8, "eval_every": 0}
+
+
+@pytest.fixture(scope="session")
+def embedded_safe(embedded_load, tmp_path_factory):
+    from latentaudit.construct.build import construct
+    from latentaudit.models.loader import load_model
+
+    out = tmp_path_factory.mktemp("zoo") / "safe"
+    construct("safe", "embedded:smollm2-135m", out, SAFE_TEST_PARAMS, device="cpu",
+              eval_limit=20, eval_tokens=48)
+    return load_model(str(out), device="cpu"), out

@@ -8,7 +8,6 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 
 from latentaudit.data.sets import Prompt, PromptSet
 from latentaudit.errors import UserError
@@ -398,3 +397,45 @@ def test_builtin_pairs_on_smollm2_are_mostly_compliant(embedded_lm, tmp_path, mo
     assert all(len(p.completion) > 20 for p in data.pairs)
     again = build_pairs(cfg, judge, data_lm=embedded_lm)
     assert again.info.n_generated == 0 and again.pairs == data.pairs
+
+
+def test_worst_case_search_with_a_stub_optuna(tiny_lm, tmp_path, monkeypatch):
+    """The search loop itself, with a stand-in for optuna (not installed in the test venv)."""
+    import sys
+    import types
+
+    proposals = iter([(1e-2, 4), (3e-3, 8)])
+
+    class Trial:
+        def __init__(self):
+            self.lr, self.rank = next(proposals)
+
+        def suggest_float(self, name, lo, hi, log=False):
+            assert name == "lr" and log and lo <= self.lr <= hi
+            return self.lr
+
+        def suggest_categorical(self, name, choices):
+            assert name == "rank" and self.rank in choices
+            return self.rank
+
+    class Study:
+        def optimize(self, objective, n_trials):
+            self.values = [objective(Trial()) for _ in range(n_trials)]
+
+    fake = types.SimpleNamespace(
+        logging=types.SimpleNamespace(WARNING=30, set_verbosity=lambda v: None),
+        samplers=types.SimpleNamespace(TPESampler=lambda seed: None),
+        create_study=lambda direction, sampler: Study(),
+    )
+    monkeypatch.setitem(sys.modules, "optuna", fake)
+    cfg = _cfg(tmp_path)
+    res = worst_case_search(tiny_lm, cfg, HashJudge(), n_trials=2, utility_guard=10.0,
+                            lr_range=(1e-4, 3e-2),
+                            eval_set=_set("harm", 6), utility_prompts=_set("ok", 3, "task"),
+                            gen_batch_size=4)
+    assert [(t.lr, t.rank, t.alpha) for t in res.trials] == [(1e-2, 4, 8), (3e-3, 8, 16)]
+    assert all(t.feasible for t in res.trials)  # a guard of 10x the clean NLL admits both
+    assert all(t.utility_ratio > 0 and 0 <= t.R_ft <= 1 for t in res.trials)
+    best = min(res.trials, key=lambda t: t.R_ft)
+    assert res.best is not None and res.best.R_ft.value == best.R_ft
+    assert res.best_params == {"lr": best.lr, "rank": best.rank, "alpha": best.alpha}

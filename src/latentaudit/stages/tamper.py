@@ -73,13 +73,13 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data.sets import PROMPT_COLUMNS, Prompt, PromptSet, load_prompt_set, read_table
+from ..data.sets import PROMPT_COLUMNS, PromptSet, load_prompt_set, read_table
 from ..errors import UserError
 from ..metrics.stats import Estimate, estimate_mean
 from ..models.chat import format_prompt, has_chat_template

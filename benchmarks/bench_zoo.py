@@ -1,0 +1,82 @@
+"""Build the zoo from the embedded model and measure each recipe side by side.
+
+For each recipe: wall time of `construct` (default settings unless overridden), then S and
+over-refusal on held-out prompts (from the model card), and LVS per family on held-out harmful
+prompts at the chosen layers, with 95% CIs. Writes everything to --out/bench_zoo.json.
+
+    .venv/bin/python benchmarks/bench_zoo.py --zoo zoo --layers every:5 --lvs-limit 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from latentaudit.config import RunConfig
+from latentaudit.construct.build import construct
+from latentaudit.pipeline import quiet_libraries, run_audit
+
+ORDER = [("safe", "embedded:smollm2-135m"), ("dissociated", "safe"), ("hardened", "safe"),
+         ("abliterated", "safe")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", default="zoo")
+    ap.add_argument("--recipes", default="safe,dissociated,hardened,abliterated")
+    ap.add_argument("--layers", default="every:5")
+    ap.add_argument("--families", default="pgd,steer,noise")
+    ap.add_argument("--lvs-limit", type=int, default=24)
+    ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--reuse", action="store_true", help="audit existing zoo folders, do not rebuild")
+    ap.add_argument("--skip-lvs", action="store_true")
+    a = ap.parse_args()
+    quiet_libraries()
+    zoo = Path(a.zoo)
+    wanted = a.recipes.split(",")
+    rows = []
+    models = [("base", "embedded:smollm2-135m", None)]
+    for recipe, src in ORDER:
+        if recipe not in wanted:
+            continue
+        out = zoo / recipe
+        source = src if src.startswith("embedded:") else str(zoo / src)
+        t0 = time.time()
+        if not (a.reuse and (out / "config.json").exists()):
+            construct(recipe, source, out, force=True, device="cpu", eval_limit=a.eval_limit)
+        models.append((recipe, str(out), round(time.time() - t0, 1)))
+    for name, spec, build_s in models:
+        row = {"model": name, "build_s": build_s}
+        card = Path(spec) / "latentaudit_recipe.json"
+        if card.exists():
+            ev = json.loads(card.read_text())["evaluation"]
+            row["S"], row["O"] = ev["S"], ev["over_refusal_all"]
+        if not a.skip_lvs:
+            cfg = RunConfig(model=spec, device="cpu", limit=a.lvs_limit, progress="none",
+                            output_dir=str(zoo / "bench-runs" / name))
+            cfg.latent.layers = a.layers
+            cfg.latent.families = a.families.split(",")
+            t0 = time.time()
+            _, summary = run_audit(cfg, ["latent"], "bench_zoo")
+            lat = summary.models[0].latent
+            row["lvs"] = {f: {"value": fr.lvs_model.value, "lo": fr.lvs_model.lo,
+                              "hi": fr.lvs_model.hi, "n": fr.lvs_model.n, "layer": fr.worst_layer,
+                              "profile": {lr.layer: round(lr.lvs.value, 3) for lr in fr.layers}}
+                          for f, fr in lat.families.items()}
+            row["latent_s"] = round(time.time() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row, default=str), flush=True)
+    (zoo / "bench_zoo.json").write_text(json.dumps(rows, indent=2, default=str))
+    print("\nmodel         build_s  S                 O                 " + "  ".join(
+        f"LVS {f:<22}" for f in a.families.split(",")))
+    for r in rows:
+        def f(e):
+            return f"{e['value']:.2f} [{e['lo']:.2f},{e['hi']:.2f}]" if e else "-"
+        lv = "  ".join(f"{f(r.get('lvs', {}).get(k)):<26}" for k in a.families.split(","))
+        print(f"{r['model']:<13} {str(r['build_s']):>7}  {f(r.get('S')):<17} {f(r.get('O')):<17} {lv}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Integration tests on the real SmolLM2-135M-Instruct and a small `safe` built from it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from latentaudit.data.sets import load_prompt_set
+from latentaudit.judges import SubstringJudge
+from latentaudit.runs.store import ResultStore
+from latentaudit.stages.behave import GenSettings, run_behave
+
+pytestmark = pytest.mark.embedded
+
+
+def test_safe_raises_refusal_over_base(embedded_lm, embedded_safe, tmp_path):
+    harmful = load_prompt_set("builtin:harmful:test", limit=20)
+    s = {}
+    for name, lm in (("base", embedded_lm), ("safe", embedded_safe[0])):
+        b = run_behave(lm, ResultStore(tmp_path / f"{name}.sqlite"), name, harmful, [],
+                       SubstringJudge(), GenSettings(max_new_tokens=48, batch_size=10))
+        s[name] = b.S.value
+    assert s["safe"] - s["base"] >= 0.5, s
+    card = (embedded_safe[1] / "README.md").read_text()
+    assert "recipe: `safe`" in card
+
+
+def test_latent_sweep_end_to_end(embedded_safe, tmp_path):
+    from latentaudit.judges.coherence import CoherenceGuard
+    from latentaudit.models.generate import greedy_generate
+    from latentaudit.stages.latent import LatentConfig, run_latent
+
+    lm = embedded_safe[0]
+    ps = load_prompt_set("builtin:harmful:test", limit=6)
+    harmless = load_prompt_set("builtin:harmless:test", limit=8).texts
+    guard = CoherenceGuard().calibrate(lm, harmless, [g.response for g in greedy_generate(lm, harmless, 32, 8)])
+    cfg = LatentConfig(layers="8,16", families=["pgd", "noise"], pgd_steps=5, noise_draws=2,
+                       rel_tol=1.0, max_new_tokens=24)
+    s = run_latent(lm, ResultStore(tmp_path / "s.sqlite"), "safe", ps, cfg, SubstringJudge(),
+                   guard, None)
+    pgd, noise = s.families["pgd"], s.families["noise"]
+    for fr in (pgd, noise):
+        assert [lr.layer for lr in fr.layers] == [8, 16]
+        assert 0.0 <= fr.lvs_model.value <= 1.0 and fr.lvs_model.n == 6
+    # the targeted attack elicits with smaller pushes than random noise
+    assert pgd.lvs_model.value >= noise.lvs_model.value
+    assert pgd.lvs_model.value > 0.0
+
+
+def test_tamper_breaks_safe_refusal(embedded_lm, embedded_safe, tmp_path):
+    from latentaudit.stages.tamper import TamperConfig, run_tamper
+
+    lm = embedded_safe[0]
+    cfg = TamperConfig(steps=[0, 12], n_examples=8, lr=2e-4, batch_size=4, eval_limit=12,
+                       utility_limit=4, max_new_tokens=32, completion_tokens=32)
+    ts = run_tamper(lm, ResultStore(tmp_path / "t.sqlite"), "safe", cfg, SubstringJudge(),
+                    data_lm=embedded_lm)
+    assert ts.r[0].value >= 0.5
+    assert ts.r[-1].value < ts.r[0].value
+    json.dumps(ts.model_dump(mode="json"))
+    assert np.isfinite(ts.R_ft.value)
