@@ -158,13 +158,17 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str) -> tuple[Run, Sum
         if "tamper" in stages:
             from .stages.tamper import run_tamper
 
-            tcfg = cfg.tamper.model_copy(update={"seed": cfg.seed, "eval_limit": cfg.limit
-                                                 or cfg.tamper.eval_limit})
-            ms.tamper = run_tamper(lm, run.store, key, tcfg, judge, prog, data_dir=cfg.data_dir)
+            # same generation settings as the behavioural stage, so r(0) is S on those records
+            tcfg = cfg.tamper.model_copy(update={
+                "seed": cfg.seed, "eval_limit": cfg.limit or cfg.tamper.eval_limit,
+                "max_new_tokens": cfg.behave.max_new_tokens})
+            ms.tamper = run_tamper(lm, run.store, key, tcfg, judge, prog, data_dir=cfg.data_dir,
+                                   gen_batch_size=cfg.batch_size, system=cfg.behave.system)
             if "tamper_control" in stages:
                 ccfg = tcfg.model_copy(update={"control": "benign"})
                 ms.tamper_control = run_tamper(lm, run.store, key, ccfg, judge, prog,
-                                               data_dir=cfg.data_dir)
+                                               data_dir=cfg.data_dir, gen_batch_size=cfg.batch_size,
+                                               system=cfg.behave.system)
         summary = _write_summary(run, cfg, command, t0, [ms])
         return run, summary
     finally:

@@ -23,7 +23,7 @@ from ..interventions.context import build_context
 from ..interventions.families import PGD
 from ..interventions.hooks import perturb_block
 from ..models.loader import LoadedModel
-from ..stages.tamper import _batch_stream, _collate, _Example, _token_nll, encode_pair
+from ..training import Example, batch_stream, collate, encode_pair, token_nll
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Term:
     batch_size: int = 4
     perturb: Perturb | None = None
     adv_targets: list[str] | None = None  # PGD target when perturbed (default: targets)
-    examples: list[_Example] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)
 
 
 def lora_targets(model) -> list[str]:
@@ -70,7 +70,7 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
         t.examples = []
         for p, c in zip(t.prompts, t.targets):
             p_ids, c_ids = encode_pair(tok, p, c, max_completion_tokens=96)
-            t.examples.append(_Example(p_ids + c_ids, len(p_ids)))
+            t.examples.append(Example(p_ids + c_ids, len(p_ids)))
     base = lm.model
     base.train()
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(base),
@@ -79,7 +79,7 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
     train_lm = LoadedModel(model, tok, lm.spec, lm.info)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    streams = [_batch_stream(len(t.examples), min(t.batch_size, len(t.examples)), seed + i)
+    streams = [batch_stream(len(t.examples), min(t.batch_size, len(t.examples)), seed + i)
                for i, t in enumerate(terms)]
     rng = np.random.default_rng(seed)
     history: list[dict] = []
@@ -117,9 +117,9 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
 
 def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torch.Tensor:
     ex = [t.examples[i] for i in idx]
-    batch = _collate(ex, lm.tokenizer.pad_token_id, lm.device)
+    batch = collate(ex, lm.tokenizer.pad_token_id, lm.device)
     if t.perturb is None:
-        nll, n = _token_nll(lm.model, batch)
+        nll, n = token_nll(lm.model, batch)
         return nll.sum() / n.sum().clamp(min=1)
     pz = t.perturb
     layer = int(rng.choice(pz.layers))
@@ -134,5 +134,5 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torc
     for j, (e, d) in enumerate(zip(ex, deltas)):
         full[j, : d.shape[0]] = d  # right padding: the prompt occupies the first positions
     with perturb_block(lm.parts.blocks[layer], full.to(lm.device)):
-        nll, n = _token_nll(lm.model, batch)
+        nll, n = token_nll(lm.model, batch)
     return nll.sum() / n.sum().clamp(min=1)

@@ -79,13 +79,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data.sets import PROMPT_COLUMNS, PromptSet, load_prompt_set, read_table
+from ..data.sets import PROMPT_COLUMNS, DatasetInfo, PromptSet, load_prompt_set, read_table
 from ..errors import UserError
 from ..metrics.stats import Estimate, estimate_mean
-from ..models.chat import format_prompt, has_chat_template
-from ..models.generate import greedy_config, greedy_generate
+from ..models.generate import greedy_generate
 from ..runs.store import ResultStore
-from ..data.sets import DatasetInfo
+from ..training import Example, batch_stream, collate, encode_pair, token_nll
 from .behave import GenSettings, behave_records, refusal_flags
 
 log = logging.getLogger(__name__)
@@ -421,100 +420,6 @@ def _free_memory() -> None:
 # tokenisation of (prompt, completion) for SFT and teacher-forced NLL
 
 
-def _stop_ids(tok) -> set[int]:
-    eos = greedy_config(tok, 1).eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos])
-    return {i for i in ids if i is not None}
-
-
-def encode_pair(tok, prompt: str, completion: str, *, system: str | None = None,
-                end_of_turn: bool = True, max_completion_tokens: int | None = None
-                ) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids): the prompt exactly as generation formats and tokenises it,
-    the completion as the chat template continues it, through its end-of-turn token when
-    ``end_of_turn`` (the completion is cut at ``max_completion_tokens`` first; a cut completion
-    gets no end token)."""
-    chat = has_chat_template(tok)
-    prefix = format_prompt(tok, prompt, system)
-    p_ids = tok(prefix, add_special_tokens=not chat)["input_ids"]
-    # the end of the assistant turn: the first generation stop id or special token after it
-    stops = _stop_ids(tok) | set(getattr(tok, "all_special_ids", []) or [])
-    body: list[int]
-    end: list[int] = []
-    suffix_text = None
-    if chat:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        try:
-            full = tok.apply_chat_template(msgs, tokenize=False)
-        except Exception:  # templates that reject this shape: plain concatenation below
-            full = None
-        if isinstance(full, str) and full.startswith(prefix):
-            suffix_text = full[len(prefix):]
-    else:
-        suffix_text = " " + completion
-    if suffix_text is not None:
-        ids = tok(suffix_text, add_special_tokens=False)["input_ids"]
-        k = next((j for j, t in enumerate(ids) if t in stops), None)
-        if k is None:
-            body, end = ids, [tok.eos_token_id] if tok.eos_token_id is not None else []
-        else:
-            body, end = ids[:k], ids[k:k + 1]
-    else:
-        body = tok(completion, add_special_tokens=False)["input_ids"]
-        end = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    if max_completion_tokens is not None and len(body) > max_completion_tokens:
-        body, end_of_turn = body[:max_completion_tokens], False
-    return p_ids, body + (end if end_of_turn else [])
-
-
-@dataclass
-class _Example:
-    ids: list[int]
-    n_prompt: int
-
-
-def _collate(examples: list[_Example], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded batch; labels -100 on prompt and padding (real tokens start at position 0)."""
-    width = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.ids)
-        ids[i, :n] = torch.tensor(e.ids)
-        mask[i, :n] = 1
-        labels[i, e.n_prompt:n] = ids[i, e.n_prompt:n]
-    pos = torch.arange(width).unsqueeze(0).expand(len(examples), -1)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "position_ids": pos.to(device), "labels": labels.to(device)}
-
-
-def _token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of target-token NLL per row, number of target tokens per row)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits
-    logits = logits[:, :-1].float()
-    tgt = batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1).clamp(min=0), reduction="none"
-    ).view_as(tgt)
-    valid = (tgt != -100)
-    return (nll * valid).sum(-1), valid.sum(-1)
-
-
-def _batch_stream(n: int, batch_size: int, seed: int):
-    """Index batches cycling through ``range(n)`` in a seeded shuffled order (new permutation
-    every epoch)."""
-    rng = np.random.default_rng(seed)
-    buf: list[int] = []
-    while True:
-        while len(buf) < batch_size:
-            buf += rng.permutation(n).tolist()
-        yield buf[:batch_size]
-        buf = buf[batch_size:]
-
-
 # --------------------------------------------------------------------------------------------
 # summary models
 
@@ -699,7 +604,7 @@ class _Attack:
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        s, n = _token_nll(self.model, batch)
+        s, n = token_nll(self.model, batch)
         loss = s.sum() / n.sum().clamp(min=1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
@@ -785,7 +690,7 @@ def run_tamper(
     util_examples = []
     for p, ans in util_items:
         p_ids, c_ids = encode_pair(tok, p.text, ans, system=system, end_of_turn=False)
-        util_examples.append(_Example(p_ids + c_ids, len(p_ids)))
+        util_examples.append(Example(p_ids + c_ids, len(p_ids)))
 
     targets = None
     if cfg.method == "lora":
@@ -845,7 +750,7 @@ def run_tamper(
             p_ids, c_ids = encode_pair(tok, pr.prompt, pr.completion, system=system,
                                        end_of_turn=not pr.truncated,
                                        max_completion_tokens=cfg.completion_tokens)
-            examples.append(_Example(p_ids + c_ids, len(p_ids)))
+            examples.append(Example(p_ids + c_ids, len(p_ids)))
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         with _fork_rng(lm.device):
             torch.manual_seed(cfg.seed)
@@ -856,12 +761,12 @@ def run_tamper(
                 if attack.target_names is not None:
                     n_targets = len(attack.target_names)
                     target_leaves = _leaf_names(attack.target_names)
-                stream = _batch_stream(len(examples), eff_bs, cfg.seed)
+                stream = batch_stream(len(examples), eff_bs, cfg.seed)
                 losses: list[float] = []
                 with _progress(progress_factory, "tamper train", s_need) as adv:
                     for step in range(1, s_need + 1):
                         t = time.time()
-                        batch = _collate([examples[i] for i in next(stream)], pad, lm.device)
+                        batch = collate([examples[i] for i in next(stream)], pad, lm.device)
                         losses.append(attack.step(batch))
                         timers["train"] += time.time() - t
                         steps_trained += 1
@@ -916,7 +821,7 @@ def run_tamper(
 
 
 @torch.no_grad()
-def _utility_nll(target_lm, store: ResultStore, prefix: str, items, examples: list[_Example],
+def _utility_nll(target_lm, store: ResultStore, prefix: str, items, examples: list[Example],
                  s: int, batch_size: int) -> None:
     """Teacher-forced mean token NLL of each clean answer; committed per batch, skipping stored
     prompts."""
@@ -927,8 +832,8 @@ def _utility_nll(target_lm, store: ResultStore, prefix: str, items, examples: li
     model.eval()
     for b in range(0, len(todo), batch_size):
         idx = todo[b:b + batch_size]
-        batch = _collate([examples[i] for i in idx], pad, target_lm.device)
-        tot, cnt = _token_nll(model, batch)
+        batch = collate([examples[i] for i in idx], pad, target_lm.device)
+        tot, cnt = token_nll(model, batch)
         store.put_many(
             (prefix + items[i][0].id, "tamper", {
                 "s": s, "prompt_id": items[i][0].id, "nll": float(t) / max(int(c), 1),

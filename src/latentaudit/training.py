@@ -1,0 +1,108 @@
+"""Supervised fine-tuning pieces shared by the fine-tuning attack and the model zoo: pairs
+encoded exactly as generation formats prompts, loss only on completion tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .models.chat import format_prompt, has_chat_template
+from .models.generate import greedy_config
+
+
+def stop_ids(tok) -> set[int]:
+    eos = greedy_config(tok, 1).eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos])
+    return {i for i in ids if i is not None}
+
+
+def encode_pair(tok, prompt: str, completion: str, *, system: str | None = None,
+                end_of_turn: bool = True, max_completion_tokens: int | None = None
+                ) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids): the prompt exactly as generation formats and tokenises it,
+    the completion as the chat template continues it, through its end-of-turn token when
+    ``end_of_turn`` (the completion is cut at ``max_completion_tokens`` first; a cut completion
+    gets no end token)."""
+    chat = has_chat_template(tok)
+    prefix = format_prompt(tok, prompt, system)
+    p_ids = tok(prefix, add_special_tokens=not chat)["input_ids"]
+    # the end of the assistant turn: the first generation stop id or special token after it
+    stops = stop_ids(tok) | set(getattr(tok, "all_special_ids", []) or [])
+    body: list[int]
+    end: list[int] = []
+    suffix_text = None
+    if chat:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        try:
+            full = tok.apply_chat_template(msgs, tokenize=False)
+        except Exception:  # templates that reject this shape: plain concatenation below
+            full = None
+        if isinstance(full, str) and full.startswith(prefix):
+            suffix_text = full[len(prefix):]
+    else:
+        suffix_text = " " + completion
+    if suffix_text is not None:
+        ids = tok(suffix_text, add_special_tokens=False)["input_ids"]
+        k = next((j for j, t in enumerate(ids) if t in stops), None)
+        if k is None:
+            body, end = ids, [tok.eos_token_id] if tok.eos_token_id is not None else []
+        else:
+            body, end = ids[:k], ids[k:k + 1]
+    else:
+        body = tok(completion, add_special_tokens=False)["input_ids"]
+        end = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if max_completion_tokens is not None and len(body) > max_completion_tokens:
+        body, end_of_turn = body[:max_completion_tokens], False
+    return p_ids, body + (end if end_of_turn else [])
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    n_prompt: int
+
+
+def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels -100 on prompt and padding (real tokens start at position 0)."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        ids[i, :n] = torch.tensor(e.ids)
+        mask[i, :n] = 1
+        labels[i, e.n_prompt:n] = ids[i, e.n_prompt:n]
+    pos = torch.arange(width).unsqueeze(0).expand(len(examples), -1)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "position_ids": pos.to(device), "labels": labels.to(device)}
+
+
+def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of target-token NLL per row, number of target tokens per row)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
+    logits = logits[:, :-1].float()
+    tgt = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1).clamp(min=0), reduction="none"
+    ).view_as(tgt)
+    valid = (tgt != -100)
+    return (nll * valid).sum(-1), valid.sum(-1)
+
+
+def batch_stream(n: int, batch_size: int, seed: int):
+    """Index batches cycling through ``range(n)`` in a seeded shuffled order (new permutation
+    every epoch)."""
+    rng = np.random.default_rng(seed)
+    buf: list[int] = []
+    while True:
+        while len(buf) < batch_size:
+            buf += rng.permutation(n).tolist()
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
+
+
