@@ -123,13 +123,15 @@ def _print_latent(summary, run_dir) -> None:
         t.add_column("family")
         t.add_column("LVS(M) [95% CI]")
         t.add_column("worst layer", justify="right")
+        t.add_column("AG = S − (1 − LVS)")
         t.add_column("depth profile LVS_l")
         for name, fr in lat.families.items():
             prof = " ".join(f"{lr.layer}:{lr.lvs.value:.2f}" for lr in fr.layers)
-            t.add_row(name, fr.lvs_model.fmt(), str(fr.worst_layer), prof)
+            t.add_row(name, fr.lvs_model.fmt(), str(fr.worst_layer),
+                      fr.audit_gap.fmt() if fr.audit_gap else "-", prof)
         if lat.ablate is not None:
             t.add_row("ablate (unbounded)", lat.ablate.asr.fmt() + " ASR",
-                      str(lat.ablate.direction_layer), "direction of that layer, all layers")
+                      str(lat.ablate.direction_layer), "-", "direction of that layer, all layers")
         console.print(t)
         console.print(f"clean elicitation (no push): {lat.clean_success.fmt()}")
     console.print(f"results: {run_dir}/summary.json")
