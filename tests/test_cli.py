@@ -147,3 +147,15 @@ def test_hub_id_offline_is_one_line(tmp_path):
     assert p.returncode == 2, p.stderr
     assert p.stderr.count("\n") == 1 and "cannot load hub model" in p.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_stages_accumulate_in_one_summary(capsys, tmp_path):
+    out = tmp_path / "run"
+    common = ["--model", "tiny:llama", "--limit", "2", "-o", str(out), "--progress", "none"]
+    assert main(["behave", *common, "--max-new-tokens", "2", "--harmless", "builtin:borderline:test"]) == 0
+    assert main(["latent", *common, "--layers", "1", "--families", "noise", "--max-new-tokens",
+                 "2", "--noise-draws", "1"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    m = s["models"][0]
+    assert m["behave"]["S"]["n"] == 2 and m["latent"]["families"]["noise"]["lvs_model"]["n"] == 2
+    assert m["latent"]["prompt_ids"] and len(m["latent"]["prompt_ids"]) == 2

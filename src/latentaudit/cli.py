@@ -347,6 +347,42 @@ def tamper(
     _print_tamper(summary, run.dir)
 
 
+FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="perturbation family of the headline LVS(M) and AG_latent [default: pgd if run, else the first family]")]
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder (summary.json, store.sqlite)")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="HTML file to write [default: RUN_DIR/report.html]")] = None,
+    family: FamilyOpt = None,
+) -> None:
+    """One self-contained HTML report (tables, plots, sample transcripts) rebuilt from a run folder; loads no model."""
+    from .report.html import build_report
+
+    path = build_report(run_dir, out, family)
+    typer.echo(f"report -> {path}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="one or more run folders", metavar="RUN_DIR", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, markdown or json (schema: docs/compare_schema.md)")] = "table",
+    out: Annotated[Optional[Path], typer.Option("--out", help="write to this file instead of stdout")] = None,
+    family: FamilyOpt = None,
+) -> None:
+    """The headline numbers (S, over-refusal, LVS(M), R_ft, AG) of every model of every run, side by side."""
+    from .report.compare import FORMATS, compare_runs, format_rows, write_text_atomic
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    text = format_rows(compare_runs(run_dirs, family), fmt)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        write_text_atomic(out, text)
+        typer.echo(f"{fmt} -> {out}")
+
+
 @app.command("judge")
 def judge_cmd(
     input: Annotated[Path, typer.Option("--input", "-i", help="CSV, JSON or JSONL file of (prompt, response) rows")],

@@ -52,8 +52,28 @@ def load_sets(cfg: RunConfig):
     return harmful, harmless
 
 
+def _merge_previous(run: Run, models: list[ModelSummary]) -> list[ModelSummary]:
+    """Keep the stages an earlier command wrote into this folder's summary for the same model
+    (``behave`` then ``latent`` into one folder gives one summary with both)."""
+    try:
+        old = Summary.model_validate_json(run.summary_path.read_text())
+    except (OSError, ValueError):
+        return models
+    prev = {m.key: m for m in old.models}
+    out = []
+    for m in models:
+        p = prev.get(m.key)
+        if p is not None:
+            for stage in ("behave", "latent", "tamper", "tamper_control"):
+                if getattr(m, stage) is None and getattr(p, stage) is not None:
+                    setattr(m, stage, getattr(p, stage))
+        out.append(m)
+    return out
+
+
 def _write_summary(run: Run, cfg: RunConfig, command: str, t0: float,
                    models: list[ModelSummary]) -> Summary:
+    models = _merge_previous(run, models)
     summary = Summary(
         run_dir=str(run.dir), command=command, config=cfg.model_dump(),
         config_hash=run.config_hash,

@@ -145,6 +145,7 @@ class LatentSummary(BaseModel):
     coherence: dict[str, Any]
     harmful: dict[str, Any]
     n: int
+    prompt_ids: list[str] = Field(default_factory=list, description="prompt ids, in the order of every eps_star list")
     clean_success: Estimate
     families: dict[str, FamilyResult]
     ablate: AblateResult | None = None
@@ -352,6 +353,7 @@ def run_latent(lm, store: ResultStore, model_key: str, ps: PromptSet, cfg: Laten
         eps_min=cfg.eps_min, eps_max=cfg.eps_max,
         positions=describe_positions(cfg.positions, cfg.sink_factor), judge=judge.describe(),
         coherence=guard.describe(), harmful=ps.describe(), n=len(ps),
+        prompt_ids=[p.id for p in ps.prompts],
         clean_success=estimate_mean(clean_ok.astype(float),
                                     "fraction of harmful prompts elicited with no perturbation",
                                     seed=seed),

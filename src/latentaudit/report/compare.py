@@ -1,0 +1,286 @@
+"""The headline numbers of one or more run folders, read from their ``summary.json`` alone.
+
+One row per model of every run: behavioural safety S, over-refusal O, LVS(M) with its worst layer,
+R_ft, AG_latent and AG_ft, each an :class:`~latentaudit.metrics.stats.Estimate` (value, 95% CI, n,
+definition) or ``None`` when the stage that produces it was not run. ``latentaudit compare``
+prints these rows as a table, CSV, Markdown or JSON (schema: ``docs/compare_schema.md``);
+``latentaudit report`` shows them as the report's headline table.
+
+LVS(M) and AG_latent come from one perturbation family: ``pgd`` when it was run, otherwise the
+first family of the run (or the family named with ``--family``). AG_latent is the family's own
+``audit_gap`` (S on the attacked prompts minus R = 1 − LVS(M), paired per prompt); a summary
+without it gets S − (1 − LVS(M)) computed here, unpaired, with a note.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from pydantic import ValidationError
+
+from ..errors import UserError
+from ..metrics.stats import Estimate
+
+DEFAULT_FAMILY = "pgd"
+FORMATS = ("table", "csv", "markdown", "json")
+# (key in the JSON rows, column title) of every headline number, in table order
+METRICS: list[tuple[str, str]] = [
+    ("S", "S"),
+    ("over_refusal", "over-refusal"),
+    ("lvs", "LVS(M)"),
+    ("r_ft", "R_ft"),
+    ("ag_latent", "AG_latent"),
+    ("ag_ft", "AG_ft"),
+]
+JSON_KEYS = ("model", "S", "over_refusal", "lvs", "lvs_layer", "r_ft", "ag_latent", "ag_ft",
+             "run_dir")
+
+
+def load_summary(run_dir: str | Path):
+    """The validated :class:`~latentaudit.runs.summary.Summary` of a run folder, or a one-line
+    :class:`UserError`. Reads only; never writes into the folder."""
+    from ..config import format_validation_error
+    from ..runs.summary import Summary
+
+    d = Path(run_dir)
+    if not d.exists():
+        raise UserError(f"run folder {run_dir} not found")
+    if not d.is_dir():
+        raise UserError(f"{run_dir} is not a run folder (not a directory)")
+    path = d / "summary.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no summary.json (not a run folder, or no stage finished there)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict) or data.get("kind") != "latentaudit.summary":
+        raise UserError(f"{path} is not a latentaudit summary (no kind 'latentaudit.summary')")
+    try:
+        return Summary.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, str(path))) from None
+
+
+@dataclass
+class Headline:
+    """The headline numbers of one model in one run; ``None`` = the stage was not run."""
+
+    model: str
+    key: str
+    run_dir: str
+    family: str | None = None
+    S: Estimate | None = None
+    over_refusal: Estimate | None = None
+    lvs: Estimate | None = None
+    lvs_layer: int | None = None
+    r_ft: Estimate | None = None
+    ag_latent: Estimate | None = None
+    ag_ft: Estimate | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def metric(self, name: str) -> Estimate | None:
+        return getattr(self, name)
+
+
+def pick_family(latent, requested: str | None = None) -> str | None:
+    """The family of the headline LVS(M): ``requested`` if given (None when this run lacks it),
+    else ``pgd`` when run, else the first family with an LVS(M)."""
+    if latent is None:
+        return None
+    fams = latent.families
+    if requested:
+        return requested if requested in fams else None
+    if DEFAULT_FAMILY in fams and fams[DEFAULT_FAMILY].lvs_model is not None:
+        return DEFAULT_FAMILY
+    return next((name for name, fr in fams.items() if fr.lvs_model is not None), None)
+
+
+def gap_from_parts(S: Estimate, lvs: Estimate, s_label: str, family: str) -> Estimate | None:
+    """AG = S − (1 − LVS(M)) from two separate estimates: not paired, so its interval is the
+    conservative sum of the two intervals' bounds."""
+    if S.value is None or lvs.value is None:
+        return None
+    lo = hi = None
+    if None not in (S.lo, S.hi, lvs.lo, lvs.hi):
+        lo, hi = S.lo + lvs.lo - 1.0, S.hi + lvs.hi - 1.0
+    return Estimate(
+        value=S.value + lvs.value - 1.0, lo=lo, hi=hi, n=min(S.n, lvs.n),
+        definition=(f"AG_latent = S − (1 − LVS(M)) with S = {s_label} and LVS(M) of family "
+                    f"{family}, computed by the report (the summary has no paired audit_gap): "
+                    "not paired per prompt; the interval adds the two intervals' bounds "
+                    "(conservative)"),
+        ci="sum of the bounds of two 95% percentile bootstrap intervals")
+
+
+def model_headline(m, run_dir: str, family: str | None = None) -> Headline:
+    """The headline row of one :class:`~latentaudit.runs.summary.ModelSummary`."""
+    name = str(m.model.get("spec") or m.key)
+    h = Headline(model=name, key=m.key, run_dir=run_dir)
+    b = m.behave
+    if b is not None:
+        h.S = b.S
+        h.over_refusal = b.over_refusal_all
+        if h.over_refusal is None and len(b.over_refusal) == 1:
+            h.over_refusal = next(iter(b.over_refusal.values()))
+    lat = m.latent
+    if lat is not None:
+        fam = pick_family(lat, family)
+        h.family = fam
+        if fam is None:
+            h.notes.append(f"family '{family}' was not run" if family else
+                           "the latent stage has no bounded family with an LVS(M)")
+        else:
+            fr = lat.families[fam]
+            h.lvs, h.lvs_layer = fr.lvs_model, fr.worst_layer
+            if fr.audit_gap is not None:
+                h.ag_latent = fr.audit_gap
+            elif fr.lvs_model is not None:
+                S, label = (fr.S_clean, "the clean refusal rate on the attacked prompts") \
+                    if fr.S_clean is not None else (h.S, "behavioural S (behave stage)")
+                if S is not None:
+                    h.ag_latent = gap_from_parts(S, fr.lvs_model, label, fam)
+                    if h.ag_latent is not None:
+                        h.notes.append("AG_latent computed by the report as S − (1 − LVS(M)) "
+                                       f"from {label}: not paired, conservative interval")
+    if m.tamper is not None:
+        h.r_ft, h.ag_ft = m.tamper.R_ft, m.tamper.AG_ft
+    return h
+
+
+def headlines(summary, run_dir: str, family: str | None = None) -> list[Headline]:
+    return [model_headline(m, run_dir, family) for m in summary.models]
+
+
+def compare_runs(run_dirs: Iterable[str | Path], family: str | None = None) -> list[Headline]:
+    """Headline rows of every model of every run folder, in the order given."""
+    rows: list[Headline] = []
+    for d in run_dirs:
+        rows.extend(headlines(load_summary(d), str(d), family))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# formatting
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+
+
+def estimate_json(e: Estimate | None) -> dict[str, Any] | None:
+    if e is None:
+        return None
+    return {"value": _num(e.value), "lo": _num(e.lo), "hi": _num(e.hi), "n": int(e.n)}
+
+
+def fmt_estimate(e: Estimate | None, digits: int = 2, missing: str = "not run") -> str:
+    """``value [lo, hi] (n=N)``; ``missing`` when the stage was not run."""
+    if e is None:
+        return missing
+    if e.value is None or not math.isfinite(e.value):
+        return f"n/a (n={e.n})"
+    v = f"{e.value:.{digits}f}"
+    if e.lo is None or e.hi is None:
+        lo = "—" if e.lo is None else f"{e.lo:.{digits}f}"
+        hi = "—" if e.hi is None else f"{e.hi:.{digits}f}"
+        return f"{v} [{lo}, {hi}] (n={e.n})"
+    return f"{v} [{e.lo:.{digits}f}, {e.hi:.{digits}f}] (n={e.n})"
+
+
+def rows_json(rows: list[Headline]) -> list[dict[str, Any]]:
+    out = []
+    for h in rows:
+        out.append({
+            "model": h.model, "S": estimate_json(h.S), "over_refusal": estimate_json(h.over_refusal),
+            "lvs": estimate_json(h.lvs), "lvs_layer": h.lvs_layer, "r_ft": estimate_json(h.r_ft),
+            "ag_latent": estimate_json(h.ag_latent), "ag_ft": estimate_json(h.ag_ft),
+            "run_dir": h.run_dir,
+        })
+    return out
+
+
+def _text_cells(h: Headline) -> list[str]:
+    return [h.run_dir, h.model, fmt_estimate(h.S), fmt_estimate(h.over_refusal),
+            fmt_estimate(h.lvs), "—" if h.lvs_layer is None else str(h.lvs_layer),
+            h.family or "—", fmt_estimate(h.r_ft), fmt_estimate(h.ag_latent), fmt_estimate(h.ag_ft)]
+
+
+TEXT_HEADER = ["run", "model", "S", "over-refusal", "LVS(M)", "layer", "family", "R_ft",
+               "AG_latent", "AG_ft"]
+
+
+def _one_line(s: str) -> str:
+    return " ".join(str(s).split())
+
+
+def format_table(rows: list[Headline]) -> str:
+    body = [[_one_line(c) for c in _text_cells(h)] for h in rows]
+    widths = [max(len(r[i]) for r in [TEXT_HEADER] + body) for i in range(len(TEXT_HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+             for r in [TEXT_HEADER, ["-" * w for w in widths]] + body]
+    lines.append("cells: value [95% CI] (n); 'not run': the stage is absent from summary.json")
+    return "\n".join(lines) + "\n"
+
+
+def format_markdown(rows: list[Headline]) -> str:
+    def cell(s: str) -> str:  # untrusted text: no HTML, no table breaks
+        s = _one_line(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+
+    lines = ["| " + " | ".join(TEXT_HEADER) + " |",
+             "|" + "|".join("---" for _ in TEXT_HEADER) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in _text_cells(h)) + " |" for h in rows]
+    return "\n".join(lines) + "\n"
+
+
+CSV_HEADER = (["run_dir", "model", "lvs_family", "lvs_layer"]
+              + [f"{k}{s}" for k, _ in METRICS for s in ("", "_lo", "_hi", "_n")])
+
+
+def format_csv(rows: list[Headline]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_HEADER)
+    for h in rows:
+        line: list[Any] = [h.run_dir, h.model, h.family or "",
+                           "" if h.lvs_layer is None else h.lvs_layer]
+        for k, _ in METRICS:
+            e = estimate_json(h.metric(k))
+            line += ["", "", "", ""] if e is None else [
+                "" if e[f] is None else e[f] for f in ("value", "lo", "hi", "n")]
+        w.writerow(line)
+    return buf.getvalue()
+
+
+def format_rows(rows: list[Headline], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows_json(rows), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    if fmt == "csv":
+        return format_csv(rows)
+    if fmt == "markdown":
+        return format_markdown(rows)
+    if fmt == "table":
+        return format_table(rows)
+    raise UserError(f"unknown format '{fmt}' ({', '.join(FORMATS)})")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder: a reader sees
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None

@@ -1,0 +1,645 @@
+"""``latentaudit report``: one self-contained HTML file rebuilt from a run folder alone.
+
+Inputs: ``summary.json`` (every number) and ``store.sqlite`` (sample transcripts), both only
+read — the store is opened read-only and the report is written through a temporary file, so a
+failed build leaves the run's data and any earlier report as they were. No model is loaded.
+
+The file needs no network to open: plots are matplotlib PNGs (Agg) inlined as base64, the CSS is
+inline, and the only script is the report's own few lines (allowed by hash in the page's
+Content-Security-Policy; nothing else may run). Everything that comes from a model, the store or
+the configuration is untrusted text: the template autoescapes it, and nothing of it is ever
+marked safe.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+import shutil
+import sqlite3
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from ..metrics.stats import Estimate
+from .compare import Headline, fmt_estimate, headlines, load_summary, pick_family, write_text_atomic
+
+TEMPLATE = "report.html.j2"
+MAX_TRANSCRIPTS = 5
+# The report's only script. It records script errors and failed resource loads into the page
+# (data-errors on #la-integrity), marks that scripts ran, and whether the global canary
+# ``window.__pwned`` exists — the browser test injects model text that would set it if it were
+# ever rendered as markup. Allowed by its sha256 in the page's CSP; no other script can run.
+PAGE_SCRIPT = """
+(function () {
+  var errors = [];
+  window.addEventListener("error", function (e) {
+    errors.push(String((e && e.message) || (e && e.target && e.target.tagName) || "error"));
+  }, true);
+  window.addEventListener("load", function () {
+    var el = document.getElementById("la-integrity");
+    if (!el) { return; }
+    el.setAttribute("data-js", "ran");
+    el.setAttribute("data-errors", String(errors.length));
+    el.setAttribute("data-pwned", typeof window.__pwned === "undefined" ? "no" : "yes");
+  });
+})();
+"""
+
+
+def _csp() -> str:
+    digest = base64.b64encode(hashlib.sha256(PAGE_SCRIPT.encode()).digest()).decode()
+    return ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+            f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'")
+
+
+# --------------------------------------------------------------------------------------------
+# the store, read-only
+
+
+class StoreReader:
+    """Read-only access to a run's ``store.sqlite``: never creates, migrates or writes it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._tmp: str | None = None
+        # No -wal file: every committed row is in the main file, read it as immutable (creates
+        # no -shm/-wal files in the run folder). A -wal file: a writer is active or did not
+        # checkpoint; read-only WAL access then needs (and finds) the sidecar files.
+        wal = path.with_name(path.name + "-wal").exists()
+        mode = "mode=ro" if wal else "mode=ro&immutable=1"
+        try:
+            self.con = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=10)
+            self.con.execute("SELECT 1 FROM results LIMIT 1").fetchall()
+        except sqlite3.Error:
+            # e.g. a WAL database on a read-only medium without its -shm file: read a copy
+            self._tmp = tempfile.mkdtemp(prefix="latentaudit-report-")
+            for suffix in ("", "-wal"):
+                src = path.with_name(path.name + suffix)
+                if src.exists():
+                    shutil.copy2(src, Path(self._tmp) / (path.name + suffix))
+            try:
+                self.con = sqlite3.connect(str(Path(self._tmp) / path.name), timeout=10)
+                self.con.execute("SELECT 1 FROM results LIMIT 1").fetchall()
+            except sqlite3.Error as e:
+                self.close()
+                raise UserError(f"cannot read {path}: {e}") from None
+
+    def close(self) -> None:
+        if getattr(self, "con", None) is not None:
+            self.con.close()
+            self.con = None  # type: ignore[assignment]
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def keys(self, prefix: str) -> list[tuple[str, float]]:
+        rows = self.con.execute(
+            "SELECT key, created FROM results WHERE key >= ? AND key < ? ORDER BY key",
+            (prefix, prefix + "\uffff"))
+        return [(k, float(c)) for k, c in rows]
+
+    def items(self, prefix: str) -> list[tuple[str, dict, float]]:
+        rows = self.con.execute(
+            "SELECT key, payload, created FROM results WHERE key >= ? AND key < ? ORDER BY key",
+            (prefix, prefix + "\uffff"))
+        out = []
+        for k, p, c in rows:
+            try:
+                payload = json.loads(p)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(payload, dict):
+                out.append((k, payload, float(c)))
+        return out
+
+    def any(self, prefix: str, payload_like: str | None = None) -> bool:
+        sql = "SELECT 1 FROM results WHERE key >= ? AND key < ?"
+        args: list[Any] = [prefix, prefix + "\uffff"]
+        if payload_like is not None:
+            sql += " AND payload LIKE ?"
+            args.append(payload_like)
+        return self.con.execute(sql + " LIMIT 1", args).fetchone() is not None
+
+
+# --------------------------------------------------------------------------------------------
+# plots (matplotlib, Agg, no pyplot state)
+
+
+def _mpl_text(s: Any, limit: int = 48) -> str:
+    """Untrusted text for a matplotlib label: one line, bounded, no mathtext."""
+    s = " ".join(str(s).split())
+    if len(s) > limit:
+        s = s[: limit - 1] + "…"
+    return s.replace("\\", "\\\\").replace("$", r"\$")
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # missing glyphs in model names are not errors
+        fig.savefig(buf, format="png", metadata={"Software": None}, bbox_inches="tight",
+                    pad_inches=0.08)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _band(ests: list[Estimate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    v = np.array([e.value if _finite(e.value) else np.nan for e in ests], float)
+    lo = np.array([e.lo if _finite(e.lo) else np.nan for e in ests], float)
+    hi = np.array([e.hi if _finite(e.hi) else np.nan for e in ests], float)
+    return v, np.where(np.isnan(lo), v, lo), np.where(np.isnan(hi), v, hi)
+
+
+FAMILY_COLORS = {"pgd": "#d62728", "steer": "#1f77b4", "noise": "#7f7f7f"}
+_PALETTE = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e"]
+
+
+def _family_color(name: str, i: int) -> str:
+    return FAMILY_COLORS.get(name, _PALETTE[i % len(_PALETTE)])
+
+
+def _bounded(lat) -> list[tuple[str, Any]]:
+    return [(n, fr) for n, fr in lat.families.items() if fr.layers]
+
+
+def plot_depth_profile(model: str, lat) -> str | None:
+    from matplotlib.ticker import MaxNLocator
+
+    fams = _bounded(lat)
+    if not fams:
+        return None
+    fig = _figure(6.4, 3.4)
+    ax = fig.add_subplot()
+    for i, (name, fr) in enumerate(fams):
+        x = np.array([lr.layer for lr in fr.layers])
+        v, lo, hi = _band([lr.lvs for lr in fr.layers])
+        c = _family_color(name, i)
+        ax.plot(x, v, marker="o", ms=4, color=c, label=_mpl_text(name, 20))
+        ax.fill_between(x, lo, hi, color=c, alpha=0.15, linewidth=0)
+        if len(x) == 1:
+            ax.errorbar(x, v, yerr=[v - lo, hi - v], color=c, capsize=3)
+        if fr.worst_layer is not None and fr.lvs_model is not None and _finite(fr.lvs_model.value):
+            ax.plot([fr.worst_layer], [fr.lvs_model.value], marker="*", ms=12, color=c,
+                    markeredgecolor="black", linestyle="none")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("layer l (residual stream after block l)")
+    ax.set_ylabel("LVS_l (95% CI band)")
+    ax.set_title(f"LVS depth profile — {_mpl_text(model)}  (★ worst layer)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _eps_array(eps_star: list[float | None]) -> np.ndarray:
+    return np.array([np.inf if e is None else float(e) for e in eps_star], float)
+
+
+def _asr_ci(eps: np.ndarray, grid: np.ndarray, seed: int = 0, n_boot: int = 1000):
+    """Percentile-bootstrap band (over prompts) of ASR(ε) = mean(ε* ≤ ε) on ``grid``."""
+    hits = (eps[:, None] <= grid[None, :]).astype(float)  # [n, G]
+    if hits.shape[0] < 2:
+        m = hits.mean(0)
+        return m, m
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, hits.shape[0], size=(n_boot, hits.shape[0]))
+    boot = hits[idx].mean(1)
+    return np.percentile(boot, 2.5, axis=0), np.percentile(boot, 97.5, axis=0)
+
+
+def _grid_of(lat, fr) -> np.ndarray:
+    if fr.asr_grid:
+        return np.asarray(fr.asr_grid, float)
+    return np.geomspace(lat.eps_min, lat.eps_max, 9)
+
+
+def plot_asr_curves(model: str, lat) -> str | None:
+    fams = _bounded(lat)
+    if not fams:
+        return None
+    from matplotlib import colormaps
+
+    ncols = min(len(fams), 3)
+    nrows = math.ceil(len(fams) / ncols)
+    fig = _figure(3.6 * ncols + 0.6, 3.0 * nrows + 0.3)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    base = colormaps["viridis"]
+
+    def cmap(x: float):  # the yellow end of viridis is unreadable on white
+        return base(0.88 * x)
+    for k, (name, fr) in enumerate(fams):
+        ax = axes[k // ncols][k % ncols]
+        grid = _grid_of(lat, fr)
+        layers = [lr.layer for lr in fr.layers]
+        lmax = max(max(layers), 1)
+        for lr in fr.layers:
+            curve = fr.asr_curves.get(str(lr.layer))
+            y = np.asarray(curve, float) if curve and len(curve) == len(grid) else \
+                (_eps_array(lr.eps_star)[:, None] <= grid[None, :]).mean(0)
+            worst = lr.layer == fr.worst_layer
+            ax.plot(grid, y, color=cmap(lr.layer / lmax), lw=2.2 if worst else 1.0,
+                    alpha=1.0 if worst else 0.75,
+                    label=f"L{lr.layer}" + (" (worst)" if worst else ""))
+            if worst:
+                lo, hi = _asr_ci(_eps_array(lr.eps_star), grid)
+                ax.fill_between(grid, lo, hi, color=cmap(lr.layer / lmax), alpha=0.15, lw=0)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("relative budget ε (log)")
+        if k % ncols == 0:
+            ax.set_ylabel("ASR")
+        ax.set_title(_mpl_text(name, 24), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        if len(layers) <= 8:
+            ax.legend(fontsize=7)
+    for k in range(len(fams), nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+    if any(len(fr.layers) > 8 for _, fr in fams):
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        allmax = max(lr.layer for _, fr in fams for lr in fr.layers)
+        fig.colorbar(ScalarMappable(Normalize(0, max(allmax, 1)), base.resampled(256)),
+                     ax=axes, label="layer")
+    fig.subplots_adjust(wspace=0.22, hspace=0.45, top=1 - 0.5 / fig.get_figheight())
+    fig.suptitle(f"ASR vs ε — {_mpl_text(model)} (worst layer thick, with 95% CI band)",
+                 fontsize=10)
+    return _png(fig)
+
+
+def plot_heatmap(model: str, lat, points: int = 64) -> str | None:
+    fams = _bounded(lat)
+    if not fams:
+        return None
+    ncols = min(len(fams), 3)
+    nrows = math.ceil(len(fams) / ncols)
+    fig = _figure(3.6 * ncols + 0.8, 0.6 + nrows * max(2.4, 0.22 * max(len(fr.layers) for _, fr in fams) + 1.2))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    lo_e, hi_e = math.log(lat.eps_min), math.log(lat.eps_max)
+    edges = np.exp(np.linspace(lo_e, hi_e, points + 1))
+    centers = np.sqrt(edges[1:] * edges[:-1])
+    mesh = None
+    for k, (name, fr) in enumerate(fams):
+        ax = axes[k // ncols][k % ncols]
+        C = np.stack([(_eps_array(lr.eps_star)[:, None] <= centers[None, :]).mean(0)
+                      for lr in fr.layers])  # [layers, points]
+        mesh = ax.pcolormesh(edges, np.arange(len(fr.layers) + 1), C, vmin=0, vmax=1,
+                             cmap="magma", shading="flat")
+        ax.set_xscale("log")
+        step = max(1, math.ceil(len(fr.layers) / 16))
+        ticks = list(range(0, len(fr.layers), step))
+        ax.set_yticks([t + 0.5 for t in ticks], [str(fr.layers[t].layer) for t in ticks])
+        ax.set_xlabel("relative budget ε (log)")
+        if k % ncols == 0:
+            ax.set_ylabel("layer")
+        ax.set_title(_mpl_text(name, 24), fontsize=10)
+    for k in range(len(fams), nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+    fig.subplots_adjust(wspace=0.22, hspace=0.45, top=1 - 0.5 / fig.get_figheight())
+    if mesh is not None:
+        fig.colorbar(mesh, ax=axes, label="ASR = fraction with ε* ≤ ε", fraction=0.04, pad=0.02)
+    fig.suptitle(f"ASR by layer and budget — {_mpl_text(model)}", fontsize=10)
+    return _png(fig)
+
+
+def plot_refusal_curves(model: str, tamper, control) -> str | None:
+    runs = [(lab, ts, c) for lab, ts, c in (("harmful fine-tuning", tamper, "#d62728"),
+                                            ("benign control", control, "#1f77b4")) if ts is not None]
+    if not runs:
+        return None
+    fig = _figure(6.4, 3.4)
+    ax = fig.add_subplot()
+    for lab, ts, c in runs:
+        x = np.asarray(ts.steps, float)
+        v, lo, hi = _band(ts.r)
+        ax.plot(x, v, marker="o", ms=4, color=c, label=lab)
+        ax.fill_between(x, lo, hi, color=c, alpha=0.15, lw=0)
+        if lab.startswith("harmful") and _finite(ts.S.value):
+            ax.axhline(0.5 * ts.S.value, color=c, ls=":", lw=1, label="S/2 (steps-to-break)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("optimiser steps s")
+    ax.set_ylabel("refusal rate r(s) on held-out harmful")
+    ax.set_title(f"refusal under fine-tuning — {_mpl_text(model)} (95% CI bands)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+@dataclass
+class ScatterPoint:
+    label: str
+    kind: str  # "latent" or "fine-tuning"
+    S: Estimate
+    R: tuple[float, float | None, float | None]  # value, lo, hi
+
+
+def scatter_points(summaries: list[tuple[Any, list[Headline]]]) -> list[ScatterPoint]:
+    pts = []
+    for summary, heads in summaries:
+        for m, h in zip(summary.models, heads):
+            if h.lvs is not None and _finite(h.lvs.value):
+                fr = m.latent.families[h.family]
+                S = fr.S_clean if fr.S_clean is not None else h.S
+                if S is not None and _finite(S.value):
+                    R = (1 - h.lvs.value, None if h.lvs.hi is None else 1 - h.lvs.hi,
+                         None if h.lvs.lo is None else 1 - h.lvs.lo)
+                    pts.append(ScatterPoint(f"{h.model} ({h.family})", "latent", S, R))
+            if m.tamper is not None and _finite(m.tamper.R_ft.value) and _finite(m.tamper.S.value):
+                r = m.tamper.R_ft
+                pts.append(ScatterPoint(f"{h.model} (fine-tuning)", "fine-tuning", m.tamper.S,
+                                        (r.value, r.lo, r.hi)))
+    return pts
+
+
+def plot_scatter(points: list[ScatterPoint]) -> str | None:
+    if not points:
+        return None
+    fig = _figure(5.2, 4.6)
+    ax = fig.add_subplot()
+    ax.fill_between([0, 1], [0, 0], [0, 1], color="#d62728", alpha=0.07, lw=0)
+    ax.plot([0, 1], [0, 1], color="black", lw=1, ls="--")
+    ax.text(0.97, 0.05, "below the diagonal: audit gap\n(looks safer than it is)", ha="right",
+            va="bottom", fontsize=8, color="#a01010")
+    for i, p in enumerate(points):
+        x, y = p.S.value, p.R[0]
+        xerr = [[x - (p.S.lo if _finite(p.S.lo) else x)], [(p.S.hi if _finite(p.S.hi) else x) - x]]
+        yerr = [[y - (p.R[1] if _finite(p.R[1]) else y)], [(p.R[2] if _finite(p.R[2]) else y) - y]]
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o" if p.kind == "latent" else "s",
+                    color=_PALETTE[i % len(_PALETTE)], capsize=3, ms=6)
+        ax.annotate(_mpl_text(p.label, 40), (x, y), textcoords="offset points",
+                    xytext=(6, 5 if i % 2 == 0 else -12), fontsize=7)
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_aspect("equal")
+    ax.set_xlabel("behavioural safety S")
+    ax.set_ylabel("robustness R  (● latent: 1 − LVS(M); ■ fine-tuning: R_ft)")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# transcripts from the store
+
+
+@dataclass
+class Transcript:
+    prompt_id: str
+    prompt: str | None
+    clean: dict
+    status: str
+    perturbed: dict | None = None
+    eps: float | None = None
+
+
+@dataclass
+class TranscriptSet:
+    family: str | None
+    layer: int | None
+    items: list[Transcript] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _prompt_texts(store: StoreReader, m, lat, config: dict) -> tuple[dict[str, str], list[str]]:
+    """Prompt id → text for the latent stage's harmful set, and the set's order when known:
+    the builtin set (or a local file) reloaded and checked against the recorded sha256, else
+    the behave stage's records of a set with the same name."""
+    texts: dict[str, str] = {}
+    order: list[str] = []
+    spec = str(lat.config.get("harmful") or "")
+    want = lat.harmful.get("sha256")
+    if spec.startswith("builtin:") or (spec and Path(spec).is_file()):
+        try:
+            from ..data.sets import load_prompt_set
+
+            ps = load_prompt_set(spec, config.get("data_dir"), config.get("behave", {}).get("prompt_col"),
+                                 config.get("limit"))
+            if want and ps.sha256 == want:
+                texts = {p.id: p.text for p in ps.prompts}
+                order = [p.id for p in ps.prompts]
+        except Exception:  # noqa: BLE001  (any failure: fall back to the store)
+            pass
+    if not texts:
+        name = lat.harmful.get("name")
+        for _, rec, _ in store.items(f"behave/{m.key}/"):
+            if rec.get("set") == name and isinstance(rec.get("prompt"), str):
+                texts.setdefault(str(rec.get("prompt_id")), rec["prompt"])
+    return texts, order
+
+
+def _pick_group(groups: dict[str, dict[str, tuple[dict, float]]], score) -> dict[str, tuple[dict, float]]:
+    best = max(groups, key=lambda g: (score(groups[g]), max(c for _, c in groups[g].values())))
+    return groups[best]
+
+
+def collect_transcripts(store: StoreReader, m, family: str | None, config: dict,
+                        limit: int = MAX_TRANSCRIPTS) -> TranscriptSet:
+    lat = m.latent
+    fr = lat.families.get(family) if family else None
+    layer = fr.worst_layer if fr is not None else None
+    out = TranscriptSet(family=family, layer=layer)
+    # clean responses: the settings group that matches the summary (n and clean success)
+    prefix = f"latent/{m.key}/clean/"
+    groups: dict[str, dict[str, tuple[dict, float]]] = {}
+    for k, rec, created in store.items(prefix):
+        h, _, pid = k[len(prefix):].partition("/")
+        groups.setdefault(h, {})[pid] = (rec, created)
+    if not groups:
+        out.notes.append("the store holds no clean latent-stage responses for this model")
+        return out
+    cs = lat.clean_success.value
+
+    def clean_score(g):
+        rate = sum(bool(r.get("success")) for r, _ in g.values()) / max(len(g), 1)
+        return (len(g) == lat.n, cs is not None and abs(rate - cs) < 1e-9)
+
+    clean = _pick_group(groups, clean_score)
+    texts, order = _prompt_texts(store, m, lat, config)
+    pids = [p for p in order if p in clean] or sorted(clean)
+    # perturbed responses at the worst layer of the family
+    pert: dict[str, list[dict]] = {}
+    if fr is not None and layer is not None:
+        fprefix = f"latent/{m.key}/{family}/"
+        fkeys = sorted({k[len(fprefix):].split("/", 1)[0] for k, _ in store.keys(fprefix)})
+        want = sorted(round(e, 6) for e in (fr.layers[[lr.layer for lr in fr.layers].index(layer)]
+                                             .eps_star) if e is not None and e > 0)
+        cands: dict[str, dict[str, tuple[dict, float]]] = {}
+        for fk in fkeys:
+            lp = f"{fprefix}{fk}/L{layer}/"
+            recs: dict[str, list[tuple[dict, float]]] = {}
+            for k, rec, created in store.items(lp):
+                pid = k[len(lp):].rpartition("/")[0]
+                if _finite(rec.get("eps")):
+                    recs.setdefault(pid, []).append((rec, created))
+            if recs:
+                cands[fk] = {pid: (rs, max(c for _, c in rs)) for pid, rs in recs.items()}  # type: ignore[misc]
+
+        def fam_score(g):
+            mins = sorted(round(min(r["eps"] for r, _ in rs if r.get("success")), 6)
+                          for rs, _ in g.values() if any(r.get("success") for r, _ in rs))
+            a, b, hit = 0, 0, 0
+            while a < len(mins) and b < len(want):  # size of the multiset intersection
+                if math.isclose(mins[a], want[b], rel_tol=1e-5):
+                    hit, a, b = hit + 1, a + 1, b + 1
+                elif mins[a] < want[b]:
+                    a += 1
+                else:
+                    b += 1
+            return hit
+
+        if cands:
+            chosen = _pick_group(cands, fam_score)  # type: ignore[arg-type]
+            pert = {pid: [r for r, _ in rs] for pid, (rs, _) in chosen.items()}  # type: ignore[misc]
+    items_a, items_b, items_c = [], [], []
+    for pid in pids:
+        c = clean[pid][0]
+        recs = pert.get(pid, [])
+        ok = [r for r in recs if r.get("success")]
+        t = Transcript(pid, texts.get(pid), c, "")
+        if c.get("success"):
+            t.status = "elicited with no perturbation (ε* = 0)"
+            items_b.append(t)
+        elif ok:
+            best = min(ok, key=lambda r: r["eps"])
+            t.perturbed, t.eps = best, float(best["eps"])
+            t.status = f"elicited at ε = {best['eps']:.4g} (smallest successful budget tried)"
+            items_a.append(t)
+        else:
+            if recs:
+                last = max(recs, key=lambda r: r["eps"])
+                t.perturbed, t.eps = last, float(last["eps"])
+                t.status = f"not elicited within ε_max; largest budget tried ε = {last['eps']:.4g}"
+            else:
+                t.status = "not elicited; no perturbed response in the store"
+            items_c.append(t)
+    # the dissociation cases first: refused clean, elicited by a push
+    items_a.sort(key=lambda t: t.clean.get("verdict") != "refusal")
+    out.items = (items_a + items_b + items_c)[:limit]
+    if fr is None:
+        out.notes.append("no bounded family: clean responses only")
+    elif not pert:
+        out.notes.append(f"no perturbed responses for family {family} at layer {layer} in the store "
+                         "(every prompt elicited with no push, or none attacked)")
+    if not texts:
+        out.notes.append("prompt texts unavailable (the harmful set could not be reloaded offline "
+                         "and the behave stage did not record it): prompt ids only")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# assembling the page
+
+
+def _env():
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("latentaudit.report", "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["est"] = fmt_estimate
+    env.filters["yn"] = lambda v: "—" if v is None else ("yes" if v else "no")
+    env.filters["tojson_pretty"] = lambda obj: json.dumps(obj, indent=2, ensure_ascii=False,
+                                                          default=str, sort_keys=True)
+    return env
+
+
+def _stale_stages(store: StoreReader | None, m) -> list[str]:
+    """Stages whose records the store holds for this model but summary.json does not include."""
+    if store is None:
+        return []
+    out = []
+    if m.behave is None and store.any(f"behave/{m.key}/", '%"role": "harmful"%'):
+        out.append("behave")
+    if m.latent is None and store.any(f"latent/{m.key}/"):
+        out.append("latent")
+    if m.tamper is None and m.tamper_control is None and store.any(f"behave/{m.key}+tamper-"):
+        out.append("tamper")
+    return out
+
+
+def render_report(run_dir: str | Path, family: str | None = None) -> str:
+    """The report's HTML for a run folder (reads only)."""
+    from markupsafe import Markup
+
+    run_dir = Path(run_dir)
+    summary = load_summary(run_dir)
+    heads = headlines(summary, str(run_dir), family)
+    if family and all(h.family is None for h in heads) and any(m.latent for m in summary.models):
+        raise UserError(f"family '{family}' was not run in {run_dir} (run: "
+                        + ", ".join(sorted({f for m in summary.models if m.latent
+                                            for f in m.latent.families})) + ")")
+    store_path = run_dir / "store.sqlite"
+    notes: list[str] = []
+    store = None
+    if not store_path.is_file():
+        notes.append("store.sqlite is missing: no sample transcripts")
+    else:
+        try:
+            store = StoreReader(store_path)
+        except UserError as e:  # the numbers come from summary.json: report them anyway
+            notes.append(f"{e}: no sample transcripts")
+    try:
+        models = []
+        for m, h in zip(summary.models, heads):
+            lat = m.latent
+            fam = pick_family(lat, family)
+            entry: dict[str, Any] = {"m": m, "h": h, "name": h.model, "plots": [],
+                                     "stale": _stale_stages(store, m), "transcripts": None}
+            if lat is not None:
+                for title, png in (("LVS depth profile", plot_depth_profile(h.model, lat)),
+                                   ("ASR vs ε", plot_asr_curves(h.model, lat)),
+                                   ("ASR by layer × ε", plot_heatmap(h.model, lat))):
+                    if png:
+                        entry["plots"].append((title, png))
+                if store is not None:
+                    entry["transcripts"] = collect_transcripts(store, m, fam, summary.config)
+            png = plot_refusal_curves(h.model, m.tamper, m.tamper_control)
+            if png:
+                entry["plots"].append(("refusal vs fine-tuning steps r(s)", png))
+            models.append(entry)
+    finally:
+        if store is not None:
+            store.close()
+    scatter = plot_scatter(scatter_points([(summary, heads)]))
+    stages = sorted({s for m in summary.models for s, v in
+                     (("behave", m.behave), ("latent", m.latent), ("tamper", m.tamper),
+                      ("tamper_control", m.tamper_control)) if v is not None})
+    prov = summary.provenance
+    return _env().get_template(TEMPLATE).render(
+        summary=summary, run_dir=str(run_dir), heads=heads, models=models, scatter=scatter,
+        notes=notes, stages=stages, prov=prov, family=family,
+        generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        csp=_csp(), page_script=Markup(PAGE_SCRIPT),  # our own constant, never model text
+    )
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None,
+                 family: str | None = None) -> Path:
+    """Render the report of ``run_dir`` and write it atomically (default ``RUN_DIR/report.html``)."""
+    html = render_report(run_dir, family)
+    path = Path(out) if out is not None else Path(run_dir) / "report.html"
+    write_text_atomic(path, html)
+    return path
