@@ -1,0 +1,54 @@
+"""summary.json: the machine-readable result of a run. Its JSON schema is published at
+``src/latentaudit/schemas/summary.schema.json`` (regenerate with
+``latentaudit schema > src/latentaudit/schemas/summary.schema.json``; a test keeps it in sync).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..data.sets import DatasetInfo  # noqa: F401  (re-exported)
+
+SCHEMA_VERSION = "1"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSummary(_Strict):
+    key: str
+    model: dict[str, Any]
+    behave: "BehaveSummary | None" = None
+    latent: "LatentSummary | None" = None
+    tamper: "TamperSummary | None" = None
+    tamper_control: "TamperSummary | None" = Field(
+        default=None, description="the benign control: the same budget on harmless pairs")
+
+
+class Summary(_Strict):
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    kind: Literal["latentaudit.summary"] = "latentaudit.summary"
+    run_dir: str
+    command: str
+    config: dict[str, Any]
+    config_hash: str
+    provenance: dict[str, Any]
+    models: list[ModelSummary]
+
+
+def summary_schema() -> dict:
+    schema = Summary.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://latentaudit.dev/schemas/summary.schema.json"
+    return schema
+
+
+from ..stages.behave import BehaveSummary  # noqa: E402
+from ..stages.latent import LatentSummary  # noqa: E402
+from ..stages.tamper import TamperSummary  # noqa: E402
+
+ModelSummary.model_rebuild()
+Summary.model_rebuild()
