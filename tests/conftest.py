@@ -81,8 +81,9 @@ def tiny_lm():
 
 
 # a small `safe` zoo model of the real SmolLM2, built once per test session and shared by the
-# integration tests of the zoo, the latent stage and the fine-tuning attack (~3-4 min on 2 cores)
-SAFE_TEST_PARAMS = {"steps": 40, "n_harmless": 48, "n_borderline": 24, "answer_tokens": 32,
+# integration tests of the zoo, the latent stage and the fine-tuning attack (a few minutes)
+# (the full recipe reached 100% held-out refusal by step 20 of 80; 24 steps keep CI short)
+SAFE_TEST_PARAMS = {"steps": 24, "n_harmless": 32, "n_borderline": 16, "answer_tokens": 32,
                     "val_n": 8, "eval_every": 0}
 
 

@@ -33,17 +33,17 @@ def test_latent_sweep_end_to_end(embedded_safe, tmp_path):
     from latentaudit.stages.latent import LatentConfig, run_latent
 
     lm = embedded_safe[0]
-    ps = load_prompt_set("builtin:harmful:test", limit=6)
+    ps = load_prompt_set("builtin:harmful:test", limit=4)
     harmless = load_prompt_set("builtin:harmless:test", limit=8).texts
     guard = CoherenceGuard().calibrate(lm, harmless, [g.response for g in greedy_generate(lm, harmless, 32, 8)])
-    cfg = LatentConfig(layers="8,16", families=["pgd", "noise"], pgd_steps=5, noise_draws=2,
-                       rel_tol=1.0, max_new_tokens=24)
+    cfg = LatentConfig(layers="15", families=["pgd", "noise"], pgd_steps=4, noise_draws=1,
+                       rel_tol=3.0, max_new_tokens=16)
     s = run_latent(lm, ResultStore(tmp_path / "s.sqlite"), "safe", ps, cfg, SubstringJudge(),
                    guard, None)
     pgd, noise = s.families["pgd"], s.families["noise"]
     for fr in (pgd, noise):
-        assert [lr.layer for lr in fr.layers] == [8, 16]
-        assert 0.0 <= fr.lvs_model.value <= 1.0 and fr.lvs_model.n == 6
+        assert [lr.layer for lr in fr.layers] == [15]
+        assert 0.0 <= fr.lvs_model.value <= 1.0 and fr.lvs_model.n == 4
     # the targeted attack elicits with smaller pushes than random noise
     assert pgd.lvs_model.value >= noise.lvs_model.value
     assert pgd.lvs_model.value > 0.0
