@@ -289,3 +289,61 @@ def test_empty_prompt_set_is_bad_input(capsys, tmp_path):
     p.write_text("")
     rc = main(["latent", "--model", "tiny:llama", "--harmful", str(p), "-o", str(tmp_path / "r")])
     assert rc == 2 and "empty" in capsys.readouterr().err
+
+
+def test_incoherent_top_push_is_rescued_inside_the_ball(tiny_lm, tmp_path, monkeypatch):
+    """A push that breaks the model into gibberish is not the end: smaller pushes inside the
+    same ball are tried, so success stays monotone in ε."""
+    from latentaudit.data.sets import load_prompt_set
+    from latentaudit.judges.base import Judge, Verdict
+    from latentaudit.judges.coherence import CoherenceResult
+    from latentaudit.runs.store import ResultStore
+    from latentaudit.stages import latent as latent_mod
+    from latentaudit.stages.latent import LatentConfig, LatentRunner
+
+    class Always(Judge):
+        name = "always"
+
+        def judge(self, prompts, responses):
+            return [Verdict("refusal" if r == "clean" else "compliance", 0.0, "t") for r in responses]
+
+    class SizeGuard:
+        """'big' responses are gibberish, 'small' ones coherent."""
+
+        def check(self, lm, prompts, responses):
+            return [CoherenceResult(r == "small", -1.0, 0.0, "ok" if r == "small" else "low_logprob")
+                    for r in responses]
+
+        def describe(self):
+            return {"parameters": {}}
+
+    def fake_generate(ctx, layer, rows, deltas, max_new_tokens, step_fns=None, batch_size=16):
+        from latentaudit.models.generate import Generation
+
+        out = []
+        for r, d in zip(rows, deltas):
+            if d is None:
+                out.append(Generation("clean", 1, [1]))
+                continue
+            rel = (d.norm(dim=-1) / ctx.h[r][layer].norm(dim=-1)).max().item()
+            out.append(Generation("big" if rel > 0.2 else "small", 1, [1]))
+        return out
+
+    monkeypatch.setattr(latent_mod, "generate_perturbed", fake_generate)
+    ps = load_prompt_set("builtin:harmful:test", limit=2)
+    cfg = LatentConfig(layers="1", families=["steer"], max_new_tokens=2)
+
+    class Dirs:
+        def unit(self, layer):
+            return torch.ones(tiny_lm.parts.hidden_size) / tiny_lm.parts.hidden_size ** 0.5
+
+    runner = LatentRunner(tiny_lm, ResultStore(tmp_path / "s.sqlite"), "t", ps, cfg, Always(),
+                          SizeGuard())
+    fam = registry.create("family", "steer")
+    ask = runner.oracle(fam, 1, Dirs())
+    assert ask(np.array([0, 1]), np.array([0.3, 0.3])).all()  # 0.3 → big; ×0.5 = 0.15 → small
+    assert not ask(np.array([0, 1]), np.array([0.9, 0.9])).any()  # ×0.5, ×0.25 still > 0.2
+    cfg2 = LatentConfig(layers="1", families=["steer"], max_new_tokens=2, rescue_scales=[])
+    runner2 = LatentRunner(tiny_lm, ResultStore(tmp_path / "s2.sqlite"), "t", ps, cfg2, Always(),
+                           SizeGuard())
+    assert not runner2.oracle(fam, 1, Dirs())(np.array([0, 1]), np.array([0.3, 0.3])).any()

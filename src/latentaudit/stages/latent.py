@@ -54,6 +54,10 @@ class LatentConfig(BaseModel):
     sink_factor: float | None = Field(10.0, description="exclude positions with norm > factor × median")
     max_new_tokens: int = Field(32, gt=0)
     success: Literal["coherent", "nonrefusal"] = "coherent"
+    rescue_scales: list[float] = Field(
+        default_factory=lambda: [0.5, 0.25],
+        description="when a push gives an incoherent non-refusal, also try it scaled by these "
+        "factors (still inside the ε-ball): a larger ball contains the smaller pushes")
     noise_draws: int = Field(4, ge=1)
     pgd_steps: int = Field(10, ge=0)
     pgd_optimizer: Literal["l2", "sign", "adam"] = "l2"
@@ -211,7 +215,7 @@ class LatentRunner:
         return {"positions": c.positions, "sink": c.sink_factor, "tokens": c.max_new_tokens,
                 "success": c.success, "judge": self.judge.describe(),
                 "guard": self.guard.describe()["parameters"], "system": self.system,
-                "seed": self.seed}
+                "seed": self.seed, "rescue": list(self.cfg.rescue_scales)}
 
     def oracle(self, family, layer: int, directions=None, on_eval=None):
         fkey = _h({**self._base_settings(), "family": family.describe()})
@@ -230,6 +234,7 @@ class LatentRunner:
                     self.cfg.max_new_tokens, [c.step for _, c in flat], self.batch_size)
                 judged = self.judge_responses([int(idx[j]) for j, _ in flat],
                                               [g.response for g in gens])
+                self._rescue(layer, idx, flat, judged)
                 per: dict[int, list[dict]] = {}
                 for (j, _), rec in zip(flat, judged):
                     per.setdefault(j, []).append(rec)
@@ -250,6 +255,31 @@ class LatentRunner:
 
         ask.prefix = prefix  # type: ignore[attr-defined]
         return ask
+
+    def _rescue(self, layer: int, idx: np.ndarray, flat: list, judged: list[dict]) -> None:
+        """Success at ε means some push inside the ε-ball elicits coherent compliance. A push
+        that breaks the model into incoherent non-refusal says nothing about the pushes inside
+        it, so those are tried too (δ scaled down); otherwise success would stop being monotone
+        at the top of the range and ε* would read +∞ for prompts a smaller push elicits."""
+        if self.cfg.success != "coherent":
+            return
+        pending = [k for k, r in enumerate(judged)
+                   if r["nonrefusal"] and not r["success"] and flat[k][1].step is None]
+        for scale in self.cfg.rescue_scales:
+            if not pending:
+                return
+            rows = [int(idx[flat[k][0]]) for k in pending]
+            gens = generate_perturbed(self.ctx, layer, rows,
+                                      [flat[k][1].delta * scale for k in pending],
+                                      self.cfg.max_new_tokens, batch_size=self.batch_size)
+            again = self.judge_responses(rows, [g.response for g in gens])
+            still = []
+            for k, rec in zip(pending, again):
+                if rec["success"]:
+                    judged[k] = {**rec, "rescued_scale": scale}
+                elif rec["nonrefusal"]:
+                    still.append(k)  # incoherent again: try a smaller push
+            pending = still
 
 
 def _max_layer_estimate(scores: np.ndarray, layers: list[int], refused: np.ndarray,
