@@ -202,7 +202,7 @@ def directions(
 ) -> None:
     """Refusal direction per layer (difference of means), its selection score, saved as safetensors."""
     from .config import resolve_config
-    from .pipeline import command_line, get_directions, model_key, quiet_libraries
+    from .pipeline import get_directions, model_key, quiet_libraries
     from .models.loader import load_model
     from .runs.run import open_run
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from ..data.sets import PromptSet
 from ..models.embedded import cache_root

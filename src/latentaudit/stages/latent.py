@@ -20,7 +20,6 @@ import time
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import registry
