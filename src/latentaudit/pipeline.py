@@ -165,8 +165,8 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str) -> tuple[Run, Sum
                 seed=cfg.seed, progress_factory=prog)
             summary = _write_summary(run, cfg, command, t0, [ms])
         directions = None
-        needs_dirs = "directions" in stages or any(
-            f in ("steer", "ablate") for f in cfg.latent.families) and "latent" in stages
+        needs_dirs = "directions" in stages or (
+            "latent" in stages and any(f in ("steer", "ablate") for f in cfg.latent.families))
         if needs_dirs:
             directions = get_directions(lm, run, key, cfg)
         if "latent" in stages:
