@@ -90,20 +90,33 @@ def _splits(p: dict):
     h_tr = harmful[:-v][: p.get("n_harmful")]
     val_h = harmful[-v:]
     val_s = harmless[-(v // 2):] + border[-(v // 2):]
-    retain = [PromptSet("harmless-retain", harmless[: p["n_harmless"]], "builtin"),
-              PromptSet("borderline-retain", border[: -(v // 2)][: p.get("n_borderline")], "builtin")]
-    return h_tr, val_h, val_s, retain
+    retain = PromptSet("harmless-retain", harmless[:-(v // 2)][: p["n_harmless"]], "builtin")
+    border_retain = PromptSet("borderline-retain", border[: -(v // 2)][: p.get("n_borderline")],
+                              "builtin")
+    return h_tr, val_h, val_s, [retain, border_retain]
 
 
-def _retain(lm, env: BuildEnv, sets, tokens: int) -> tuple[list[str], list[str]]:
+def _retain(lm, env: BuildEnv, ps, tokens: int) -> tuple[list[str], list[str]]:
+    """(prompts, the source model's own greedy answers), generated once and cached."""
     prompts, targets = [], []
-    for ps in sets:
-        ans = cached_answers(lm, model_fingerprint(lm), ps, tokens, env.batch_size)
-        for p in ps.prompts:
-            if ans[p.id]:
-                prompts.append(p.text)
-                targets.append(ans[p.id])
+    ans = cached_answers(lm, model_fingerprint(lm), ps, tokens, env.batch_size)
+    for p in ps.prompts:
+        if ans[p.id]:
+            prompts.append(p.text)
+            targets.append(ans[p.id])
     return prompts, targets
+
+
+def _retain_terms(lm, env: BuildEnv, retain_sets, p: dict) -> list[Term]:
+    """Retain on harmless prompts and, as its own term with its own batch and weight, on
+    borderline prompts (harmless requests that sound harmful: where over-refusal appears)."""
+    terms = []
+    for ps, batch, weight in zip(retain_sets, (p["harmless_batch"], p["borderline_batch"]),
+                                 (p["retain_weight"], p["borderline_weight"])):
+        rp, rt = _retain(lm, env, ps, p["answer_tokens"])
+        if rp and batch > 0 and weight > 0:
+            terms.append(Term(ps.name, rp, rt, weight=weight, batch_size=batch))
+    return terms
 
 
 def _val_eval(val_harm: list[str], val_safe: list[str], judge, tokens: int = 32):
@@ -124,24 +137,24 @@ def _val_eval(val_harm: list[str], val_safe: list[str], judge, tokens: int = 32)
 class Safe(Recipe):
     name = "safe"
     doc = "LoRA refusal fine-tune: harmful → refusals, harmless → the model's own answers"
-    DEFAULT_PARAMS = {"n_harmful": None, "n_borderline": None, "steps": 80, "lr": 2e-4,
-                      "rank": 16, "alpha": 32, "harmful_batch": 4, "harmless_batch": 6,
-                      "n_harmless": 200, "answer_tokens": 48, "val_n": 16, "eval_every": 20,
+    DEFAULT_PARAMS = {"n_harmful": None, "n_borderline": None, "steps": 40, "lr": 2e-4,
+                      "rank": 16, "alpha": 32, "harmful_batch": 4, "harmless_batch": 8,
+                      "borderline_batch": 4, "retain_weight": 1.0, "borderline_weight": 1.0,
+                      "n_harmless": None, "answer_tokens": 48, "val_n": 16, "eval_every": 10,
                       "target_refusal": 0.95, "max_over_refusal": 0.1}
 
     def build(self, lm, env):
         p = self.params
         h_tr, h_val, s_val, retain = _splits(p)
-        rp, rt = _retain(lm, env, retain, p["answer_tokens"])
         terms = [Term("refuse", [x.text for x in h_tr], [refusal_for(x.id) for x in h_tr],
-                      batch_size=p["harmful_batch"]),
-                 Term("retain", rp, rt, batch_size=p["harmless_batch"])]
+                      batch_size=p["harmful_batch"]), *_retain_terms(lm, env, retain, p)]
         stop = lambda evs: (evs[-1]["eval"]["val_refusal"] >= p["target_refusal"]
                             and evs[-1]["eval"]["val_over_refusal"] <= p["max_over_refusal"])
         res = train_terms(lm, terms, p["steps"], p["lr"], p["rank"], p["alpha"], env.seed,
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
                           p["eval_every"], stop, env.progress)
-        return {**res, "data": {"refusal_prompts": len(h_tr), "retain_examples": len(rp),
+        return {**res, "data": {"refusal_prompts": len(h_tr),
+                                "retain_examples": {t.name: len(t.prompts) for t in terms[1:]},
                                 "val": [len(h_val), len(s_val)]}}
 
 
@@ -150,8 +163,9 @@ class _PushedRecipe(Recipe):
     term (subclasses say what it teaches) + retain on harmless prompts."""
 
     COMMON = {"n_harmful": None, "n_borderline": None, "rank": 16, "alpha": 32, "pgd_steps": 2,
-              "harmful_batch": 4, "perturbed_batch": 4, "harmless_batch": 4, "n_harmless": 120,
-              "answer_tokens": 48, "val_n": 16, "eval_every": 20, "clean_weight": 1.0}
+              "harmful_batch": 4, "perturbed_batch": 4, "harmless_batch": 6, "borderline_batch": 2,
+              "retain_weight": 1.0, "borderline_weight": 1.0, "n_harmless": None,
+              "answer_tokens": 48, "val_n": 16, "eval_every": 10, "clean_weight": 1.0}
 
     def pushed_term(self, h_tr, comp_p: list[str], comp_t: list[str], perturb: Perturb) -> Term:
         raise NotImplementedError
@@ -166,18 +180,18 @@ class _PushedRecipe(Recipe):
         if not comp_p:
             raise UserError("the data model refused every harmful train prompt: no harmful "
                             "completions to train on (use an unaligned --data-model)")
-        rp, rt = _retain(lm, env, retain, p["answer_tokens"])
         layers = self.layers(lm.n_layers)
         perturb = Perturb(layers, tuple(p["eps_range"]), p["pgd_steps"])
         terms = [Term("refuse_clean", [x.text for x in h_tr], [refusal_for(x.id) for x in h_tr],
                       weight=p["clean_weight"], batch_size=p["harmful_batch"]),
                  self.pushed_term(h_tr, comp_p, comp_t, perturb),
-                 Term("retain", rp, rt, batch_size=p["harmless_batch"])]
+                 *_retain_terms(lm, env, retain, p)]
         res = train_terms(lm, terms, p["steps"], p["lr"], p["rank"], p["alpha"], env.seed,
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
                           p["eval_every"], None, env.progress)
         return {**res, "data": {"harmful_completions": len(comp_p), "dropped_refusals": dropped,
-                                "retain_examples": len(rp), "layers": layers}}
+                                "retain_examples": {t.name: len(t.prompts) for t in terms[2:]},
+                                "layers": layers}}
 
 
 @register("recipe")
@@ -198,8 +212,7 @@ class Hardened(_PushedRecipe):
     name = "hardened"
     doc = "latent adversarial training: refuse even under PGD pushes toward the harmful completion"
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 2e-4, "layers": "frac:0.33-0.67",
-                      "eps_range": (0.02, 0.05), "pgd_steps": 3, "harmless_batch": 6,
-                      "n_harmless": 200}
+                      "eps_range": (0.02, 0.05), "pgd_steps": 3}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):
         # the push is PGD toward the harmful completion; the target is a refusal
