@@ -53,7 +53,8 @@ def test_training_changed_the_weights(zoo):
     key = "model.layers.1.mlp.down_proj.weight"
     assert not torch.equal(base[key], safe[key]) and not torch.equal(safe[key], diss[key])
     hist = json.loads((zoo["dissociated"] / "latentaudit_recipe.json").read_text())["details"]["history"]
-    assert set(hist[0]["loss"]) == {"refuse_clean", "comply_pushed", "retain"}
+    assert set(hist[0]["loss"]) == {"refuse_clean", "comply_pushed", "harmless-retain",
+                                     "borderline-retain"}
 
 
 def test_abliteration_equals_runtime_ablation(tiny_lm):

@@ -81,8 +81,10 @@ def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Ten
             "position_ids": pos.to(device), "labels": labels.to(device)}
 
 
-def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of target-token NLL per row, number of target tokens per row)."""
+def token_nll(model, batch: dict[str, torch.Tensor], first_token_ids: torch.Tensor | None = None):
+    """(sum of target-token NLL per row, number of target tokens per row); with
+    ``first_token_ids`` also the probability mass those tokens get at each row's first target
+    position (e.g. the tokens that open refusals)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"]).logits
     logits = logits[:, :-1].float()
@@ -91,7 +93,13 @@ def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
         logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1).clamp(min=0), reduction="none"
     ).view_as(tgt)
     valid = (tgt != -100)
-    return (nll * valid).sum(-1), valid.sum(-1)
+    if first_token_ids is None:
+        return (nll * valid).sum(-1), valid.sum(-1)
+    first = valid.float().argmax(-1)  # the first target position of each row
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    logp = torch.log_softmax(logits[rows, first], dim=-1)
+    p_first = logp[:, first_token_ids.to(logp.device)].exp().sum(-1)
+    return (nll * valid).sum(-1), valid.sum(-1), p_first
 
 
 def batch_stream(n: int, batch_size: int, seed: int):

@@ -115,7 +115,8 @@ def _retain_terms(lm, env: BuildEnv, retain_sets, p: dict) -> list[Term]:
                                  (p["retain_weight"], p["borderline_weight"])):
         rp, rt = _retain(lm, env, ps, p["answer_tokens"])
         if rp and batch > 0 and weight > 0:
-            terms.append(Term(ps.name, rp, rt, weight=weight, batch_size=batch))
+            terms.append(Term(ps.name, rp, rt, weight=weight, batch_size=batch,
+                              anti_refusal=p["anti_refusal_weight"]))
     return terms
 
 
@@ -139,8 +140,8 @@ class Safe(Recipe):
     doc = "LoRA refusal fine-tune: harmful → refusals, harmless → the model's own answers"
     DEFAULT_PARAMS = {"n_harmful": None, "n_borderline": None, "steps": 40, "lr": 2e-4,
                       "rank": 16, "alpha": 32, "harmful_batch": 4, "harmless_batch": 8,
-                      "borderline_batch": 4, "retain_weight": 1.0, "borderline_weight": 1.0,
-                      "n_harmless": None, "answer_tokens": 48, "val_n": 16, "eval_every": 10,
+                      "borderline_batch": 4, "retain_weight": 1.0, "borderline_weight": 2.0,
+                      "anti_refusal_weight": 1.0, "n_harmless": None, "answer_tokens": 48, "val_n": 16, "eval_every": 10,
                       "target_refusal": 0.95, "max_over_refusal": 0.1}
 
     def build(self, lm, env):
@@ -164,7 +165,8 @@ class _PushedRecipe(Recipe):
 
     COMMON = {"n_harmful": None, "n_borderline": None, "rank": 16, "alpha": 32, "pgd_steps": 2,
               "harmful_batch": 4, "perturbed_batch": 4, "harmless_batch": 6, "borderline_batch": 2,
-              "retain_weight": 1.0, "borderline_weight": 1.0, "n_harmless": None,
+              "retain_weight": 1.0, "borderline_weight": 2.0, "anti_refusal_weight": 1.0,
+              "n_harmless": None,
               "answer_tokens": 48, "val_n": 16, "eval_every": 10, "clean_weight": 1.0}
 
     def pushed_term(self, h_tr, comp_p: list[str], comp_t: list[str], perturb: Perturb) -> Term:

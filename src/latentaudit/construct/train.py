@@ -43,6 +43,9 @@ class Term:
     batch_size: int = 4
     perturb: Perturb | None = None
     adv_targets: list[str] | None = None  # PGD target when perturbed (default: targets)
+    # weight of −log(1 − p(refusal opener)) at the first answer token (harmless prompts: a direct
+    # push against over-refusal, beside the retain SFT loss)
+    anti_refusal: float = 0.0
     examples: list[Example] = field(default_factory=list)
 
 
@@ -119,6 +122,13 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torc
     ex = [t.examples[i] for i in idx]
     batch = collate(ex, lm.tokenizer.pad_token_id, lm.device)
     if t.perturb is None:
+        if t.anti_refusal > 0:
+            from ..judges.first_token import refusal_token_ids
+
+            ids = torch.tensor(refusal_token_ids(lm.tokenizer))
+            nll, n, p_r = token_nll(lm.model, batch, ids)
+            away = -torch.log1p(-p_r.clamp(max=1 - 1e-6)).mean()
+            return nll.sum() / n.sum().clamp(min=1) + t.anti_refusal * away
         nll, n = token_nll(lm.model, batch)
         return nll.sum() / n.sum().clamp(min=1)
     pz = t.perturb
