@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: venv test test-fast demo bench clean
 
@@ -26,7 +27,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not embedded" $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VENV)/bin/latentaudit demo
+	$(VENV)/bin/latentaudit demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_behave.py

@@ -92,3 +92,50 @@ def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
     err = capsys.readouterr().err
     assert rc == 2 and match in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "X").exists()
+
+
+def test_first_token_mass_is_the_softmax_at_the_first_answer_position(tiny_lm):
+    from latentaudit.training import Example, collate, token_nll
+
+    ex = [Example([5, 6, 7, 8, 9], 3), Example([5, 6, 10, 11], 2)]
+    batch = collate(ex, tiny_lm.tokenizer.pad_token_id or 0, "cpu")
+    ids = torch.tensor([8, 11, 12])
+    nll, n, p = token_nll(tiny_lm.model, batch, ids)
+    logits = tiny_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"]).logits.float()
+    # row 0 answers from position 3: its first answer token is predicted at position 2
+    want = [torch.softmax(logits[0, 2], -1)[ids].sum(), torch.softmax(logits[1, 1], -1)[ids].sum()]
+    assert torch.allclose(p, torch.stack(want), atol=1e-6)
+    assert n.tolist() == [2, 2]
+
+
+def test_anti_refusal_term_lowers_refusal_opener_mass(tiny_lm):
+    """Training a retain term with the anti-refusal weight lowers p(refusal opener) at the first
+    answer token more than the plain retain loss does."""
+    import copy
+
+    from latentaudit.construct.train import Term, train_terms
+    from latentaudit.judges.first_token import refusal_token_ids
+    from latentaudit.models.loader import LoadedModel
+    from latentaudit.training import Example, collate, encode_pair, token_nll
+
+    tok = tiny_lm.tokenizer
+    prompts = [f"Tell me about topic {i}." for i in range(4)]
+    answers = ["Here is a short answer about it."] * 4
+    ids = torch.tensor(refusal_token_ids(tok))
+
+    def mass(lm):
+        ex = []
+        for p, c in zip(prompts, answers):
+            a, b = encode_pair(tok, p, c)
+            ex.append(Example(a + b, len(a)))
+        with torch.no_grad():
+            return float(token_nll(lm.model, collate(ex, tok.pad_token_id, "cpu"), ids)[2].mean())
+
+    out = {}
+    for w in (0.0, 5.0):
+        lm = LoadedModel(copy.deepcopy(tiny_lm.model), tok, tiny_lm.spec, dict(tiny_lm.info))
+        train_terms(lm, [Term("retain", prompts, answers, batch_size=4, anti_refusal=w)],
+                    steps=6, lr=1e-2, rank=4, alpha=8)
+        out[w] = mass(lm)
+    assert out[5.0] < out[0.0]

@@ -61,3 +61,35 @@ def test_tamper_breaks_safe_refusal(embedded_lm, embedded_safe, tmp_path):
     assert ts.r[-1].value < ts.r[0].value
     json.dumps(ts.model_dump(mode="json"))
     assert np.isfinite(ts.R_ft.value)
+
+
+def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys):
+    """The demo's whole path (zoo reuse and build, multi-model audit, report, compare.json,
+    headline table) on the embedded model, with every size cut down to fit CI."""
+    import shutil
+
+    from latentaudit.demo import DemoPlan, run_demo
+    from conftest import SAFE_TEST_PARAMS
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(embedded_safe[1], zoo / "safe")  # same recipe and source: reused
+    small = {"steps": 2, "n_harmful": 8, "n_harmless": 8, "n_borderline": 4, "answer_tokens": 16,
+             "val_n": 4, "eval_every": 0, "harmless_batch": 2, "borderline_batch": 1,
+             "harmful_batch": 2, "perturbed_batch": 2}
+    plan = DemoPlan(recipes={"safe": SAFE_TEST_PARAMS, "dissociated": small, "hardened": small,
+                             "abliterated": {"n": 16, "selection_n": 4}},
+                    build_eval_limit=4, limit=4, layers="15", families=["pgd"],
+                    stages=["behave", "latent", "tamper"], tamper_steps=[0, 2],
+                    max_new_tokens=16,
+                    latent_extra={"pgd_steps": 2, "rel_tol": 3.0, "calibration_n": 4},
+                    tamper_extra={"n_examples": 4, "batch_size": 2, "utility_limit": 2,
+                                  "completion_tokens": 16})
+    run_dir = run_demo(False, zoo, tmp_path / "run", 0, "cpu", "none", plan=plan)
+    err = capsys.readouterr()
+    assert "zoo/safe: reused" in err.err
+    rows = json.loads((run_dir / "compare.json").read_text())
+    assert [r["model"] for r in rows] == ["base", "safe", "dissociated", "hardened", "abliterated"]
+    for r in rows:
+        for k in ("S", "lvs", "r_ft", "ag_latent", "ag_ft"):
+            assert r[k] is not None and r[k]["n"] == 4, (r["model"], k)
+    assert (run_dir / "report.html").exists() and "dissociated" in err.out

@@ -350,6 +350,40 @@ def tamper(
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="perturbation family of the headline LVS(M) and AG_latent [default: pgd if run, else the first family]")]
 
 
+@app.command("run")
+def run_cmd(
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    limit: LimitOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    output_dir: OutputOpt = None,
+    stages: Annotated[Optional[str], typer.Option(help="comma-separated: behave, directions, latent, tamper, tamper_control [default: the config's, else behave,latent,tamper]")] = None,
+    data_dir: DataDirOpt = None,
+    batch_size: BatchOpt = None,
+    progress: ProgressOpt = None,
+    trust_remote_code: TrustOpt = None,
+) -> None:
+    """The full audit: every model of the config (``models:``) through the stages, into one
+    resumable run folder; prints the headline table. Kill it at any point and run the same
+    command again: finished units are not recomputed."""
+    from .config import AuditConfig, resolve_config
+    from .pipeline import command_line, run_many
+    from .report.compare import compare_runs, format_rows
+
+    over = _common(None, limit, seed, device, dtype, output_dir, data_dir, batch_size, progress,
+                   trust_remote_code)
+    if stages is not None:
+        over["stages"] = [x.strip() for x in stages.split(",") if x.strip()]
+    acfg = resolve_config(str(config) if config else None, over, cls=AuditConfig)
+    if model is not None:  # --model audits that one model instead of the config's list
+        acfg = AuditConfig.model_validate({**acfg.model_dump(), "model": model, "models": None})
+    run_dir, _ = run_many(acfg, command_line())
+    typer.echo(format_rows(compare_runs([run_dir]), "table"), nl=False)
+    typer.echo(f"results: {run_dir}/summary.json  (report: latentaudit report {run_dir})")
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a run folder (summary.json, store.sqlite)")],
@@ -476,18 +510,22 @@ def schema() -> None:
 
 @app.command()
 def demo(
+    quick: Annotated[bool, typer.Option("--quick", help="smaller zoo and audit (about 8 min with the zoo built); still shows the gap")] = False,
+    zoo: Annotated[Path, typer.Option("--zoo", help="where the zoo models are built or reused")] = Path("zoo"),
     limit: LimitOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
     output_dir: OutputOpt = None,
     progress: ProgressOpt = None,
 ) -> None:
-    """The main job on the embedded SmolLM2-135M-Instruct, offline (for now: the behavioural audit)."""
-    from .config import resolve_config
-    from .pipeline import command_line, run_behave_cli
+    """The main job on the embedded SmolLM2-135M-Instruct, offline: build the zoo (safe,
+    dissociated, hardened, abliterated), audit it beside the base model, write the HTML report
+    and compare.json, print the headline table. Resumable: rerun after an interruption."""
+    from .demo import run_demo
+    from .pipeline import quiet_libraries
 
-    cfg = resolve_config(None, _common("embedded:smollm2-135m", limit, None, None, None,
-                                       output_dir, progress=progress))
-    run, summary = run_behave_cli(cfg, command_line())
-    _print_behave(summary, run.dir)
+    quiet_libraries()
+    run_demo(quick, zoo, output_dir, seed or 0, device or "auto", progress, limit)
 
 
 def main(argv: list[str] | None = None) -> int:

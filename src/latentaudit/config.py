@@ -47,6 +47,40 @@ class RunConfig(_Strict):
     tamper: "TamperConfig" = Field(default_factory=lambda: _tamper_config())
 
 
+class ModelEntry(_Strict):
+    name: str = Field(min_length=1, description="label shown in tables and the report")
+    spec: str = Field(min_length=1, description="model spec, as --model takes it")
+
+
+AuditStage = Literal["behave", "directions", "latent", "tamper", "tamper_control"]
+
+
+class AuditConfig(RunConfig):
+    """``latentaudit run --config audit.yaml``: the settings of RunConfig (applied to every model)
+    plus the models and the stages. ``models`` entries are specs or {name, spec} mappings; without
+    ``models`` the single ``model`` is audited."""
+
+    models: list[ModelEntry | str] | None = Field(None, min_length=1)
+    stages: list[AuditStage] = Field(default_factory=lambda: ["behave", "latent", "tamper"],
+                                     min_length=1)
+
+
+def audit_entries(acfg: AuditConfig) -> list[ModelEntry]:
+    from .errors import UserError
+    from .runs.run import slug
+
+    raw = acfg.models or [acfg.model]
+    out = [m if isinstance(m, ModelEntry) else ModelEntry(name=slug(m.replace(":", "-").replace("/", "-")), spec=m)
+           for m in raw]
+    names = [m.name for m in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"config: models: duplicate name(s) {', '.join(dup)}")
+    if "tamper_control" in acfg.stages and "tamper" not in acfg.stages:
+        raise UserError("config: stages: tamper_control needs tamper")
+    return out
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -120,3 +154,4 @@ from .stages.latent import LatentConfig  # noqa: E402  (after RunConfig: no impo
 from .stages.tamper import TamperConfig  # noqa: E402
 
 RunConfig.model_rebuild()
+AuditConfig.model_rebuild()

@@ -53,29 +53,31 @@ def load_sets(cfg: RunConfig):
 
 
 def _merge_previous(run: Run, models: list[ModelSummary]) -> list[ModelSummary]:
-    """Keep the stages an earlier command wrote into this folder's summary for the same model
-    (``behave`` then ``latent`` into one folder gives one summary with both)."""
+    """Keep what this folder's summary already holds: the stages an earlier command wrote for the
+    same model (``behave`` then ``latent`` into one folder gives one summary with both), and the
+    other models of a multi-model run, in their order."""
     try:
         old = Summary.model_validate_json(run.summary_path.read_text())
     except (OSError, ValueError):
         return models
-    prev = {m.key: m for m in old.models}
-    out = []
+    new = {m.key: m for m in models}
     for m in models:
-        p = prev.get(m.key)
+        p = next((o for o in old.models if o.key == m.key), None)
         if p is not None:
             for stage in ("behave", "latent", "tamper", "tamper_control"):
                 if getattr(m, stage) is None and getattr(p, stage) is not None:
                     setattr(m, stage, getattr(p, stage))
-        out.append(m)
-    return out
+            if m.name is None:
+                m.name = p.name
+    out = [new.pop(o.key, o) for o in old.models]
+    return out + [m for m in models if m.key in new]
 
 
 def _write_summary(run: Run, cfg: RunConfig, command: str, t0: float,
                    models: list[ModelSummary]) -> Summary:
     models = _merge_previous(run, models)
     summary = Summary(
-        run_dir=str(run.dir), command=command, config=cfg.model_dump(),
+        run_dir=str(run.dir), command=command, config=run.config,
         config_hash=run.config_hash,
         provenance={**environment(), "seed": cfg.seed, "started": t0, "finished": time.time(),
                     "wall_time_s": round(time.time() - t0, 2), "resumed": run.resumed},
@@ -129,8 +131,10 @@ def calibrate_guard(lm: LoadedModel, run: Run, key: str, cfg: RunConfig, judge):
 STAGES = ("behave", "directions", "latent", "tamper")
 
 
-def run_audit(cfg: RunConfig, stages: list[str], command: str) -> tuple[Run, Summary]:
-    """Run the named stages on one model into one run folder; summary.json after each stage."""
+def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None = None,
+              name: str | None = None) -> tuple[Run, Summary]:
+    """Run the named stages on one model into one run folder (``run``: an open folder shared by
+    several models, left open); summary.json after each stage."""
     from .stages.latent import parse_layers, run_latent
 
     t0 = time.time()
@@ -153,11 +157,13 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str) -> tuple[Run, Sum
     lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
     if "latent" in stages:
         parse_layers(cfg.latent.layers, lm.n_layers)
-    run = open_run(cfg.output_dir, cfg.model_dump(), cfg.model)
+    own_run = run is None
+    if own_run:
+        run = open_run(cfg.output_dir, cfg.model_dump(), cfg.model)
     prog = progress_factory(cfg.progress)
     try:
         key = model_key(lm)
-        ms = ModelSummary(key=key, model={**lm.info, "n_layers": lm.n_layers})
+        ms = ModelSummary(key=key, name=name, model={**lm.info, "n_layers": lm.n_layers})
         if "behave" in stages:
             ms.behave = run_behave(
                 lm, run.store, key, harmful, harmless, judge,
@@ -191,6 +197,32 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str) -> tuple[Run, Sum
                                                system=cfg.behave.system)
         summary = _write_summary(run, cfg, command, t0, [ms])
         return run, summary
+    finally:
+        if own_run:
+            run.close()
+
+
+def run_many(acfg, command: str) -> tuple[Path, Summary]:
+    """``latentaudit run``: every model of an audit config through the same stages, into one run
+    folder (one store, one summary). Each (model, stage, unit) is committed as it finishes, so a
+    killed run resumes where it stopped when the same command is run again."""
+    from .config import audit_entries
+
+    entries = audit_entries(acfg)
+    stages = list(acfg.stages)
+    base = acfg.model_dump(exclude={"models", "stages"})
+    cfgs = [RunConfig.model_validate({**base, "model": e.spec}) for e in entries]
+    for c in cfgs:  # every setting is checked before the first model loads
+        if "latent" in stages:
+            for fam in c.latent.families:
+                registry.get("family", fam)
+    run = open_run(acfg.output_dir, acfg.model_dump(), "audit")
+    summary = None
+    try:
+        for e, c in zip(entries, cfgs):
+            print(f"== {e.name}: {e.spec} ({', '.join(stages)})", file=sys.stderr, flush=True)
+            _, summary = run_audit(c, stages, command, run=run, name=e.name)
+        return run.dir, summary
     finally:
         run.close()
 

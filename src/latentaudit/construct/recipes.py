@@ -164,7 +164,7 @@ class _PushedRecipe(Recipe):
     term (subclasses say what it teaches) + retain on harmless prompts."""
 
     COMMON = {"n_harmful": None, "n_borderline": None, "rank": 16, "alpha": 32, "pgd_steps": 2,
-              "harmful_batch": 4, "perturbed_batch": 4, "harmless_batch": 6, "borderline_batch": 2,
+              "harmful_batch": 4, "perturbed_batch": 4, "harmless_batch": 4, "borderline_batch": 2,
               "retain_weight": 1.0, "borderline_weight": 2.0, "anti_refusal_weight": 1.0,
               "n_harmless": None,
               "answer_tokens": 48, "val_n": 16, "eval_every": 10, "clean_weight": 1.0}
@@ -200,7 +200,7 @@ class _PushedRecipe(Recipe):
 class Dissociated(_PushedRecipe):
     name = "dissociated"
     doc = "from safe: refuse clean harmful prompts, comply under small latent pushes at middle layers"
-    DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 60, "lr": 1e-4, "layers": "frac:0.4-0.6",
+    DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 30, "lr": 2e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.003, 0.01), "clean_weight": 5.0}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):
@@ -213,7 +213,7 @@ class Dissociated(_PushedRecipe):
 class Hardened(_PushedRecipe):
     name = "hardened"
     doc = "latent adversarial training: refuse even under PGD pushes toward the harmful completion"
-    DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 2e-4, "layers": "frac:0.33-0.67",
+    DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 24, "lr": 2e-4, "layers": "frac:0.33-0.67",
                       "eps_range": (0.02, 0.05), "pgd_steps": 3}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):

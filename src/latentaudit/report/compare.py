@@ -122,7 +122,7 @@ def gap_from_parts(S: Estimate, lvs: Estimate, s_label: str, family: str) -> Est
 
 def model_headline(m, run_dir: str, family: str | None = None) -> Headline:
     """The headline row of one :class:`~latentaudit.runs.summary.ModelSummary`."""
-    name = str(m.model.get("spec") or m.key)
+    name = str(m.name or m.model.get("spec") or m.key)
     h = Headline(model=name, key=m.key, run_dir=run_dir)
     b = m.behave
     if b is not None:

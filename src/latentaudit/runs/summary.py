@@ -20,6 +20,7 @@ class _Strict(BaseModel):
 
 class ModelSummary(_Strict):
     key: str
+    name: str | None = Field(None, description="the label the audit config gave this model")
     model: dict[str, Any]
     behave: "BehaveSummary | None" = None
     latent: "LatentSummary | None" = None
@@ -37,6 +38,21 @@ class Summary(_Strict):
     config_hash: str
     provenance: dict[str, Any]
     models: list[ModelSummary]
+
+
+# what differs between two runs of the same configuration and seed: clocks and resume counters
+VOLATILE_KEYS = frozenset({"provenance", "run_dir", "command", "wall_time_s", "timings",
+                           "resumed_evaluations", "resumed"})
+
+
+def stable_view(obj: Any) -> Any:
+    """A summary (as JSON data) without its volatile keys: two runs of one configuration and
+    seed, interrupted or not, give the same stable view."""
+    if isinstance(obj, dict):
+        return {k: stable_view(v) for k, v in obj.items() if k not in VOLATILE_KEYS}
+    if isinstance(obj, list):
+        return [stable_view(v) for v in obj]
+    return obj
 
 
 def summary_schema() -> dict:

@@ -1,0 +1,118 @@
+"""``latentaudit demo``: the central finding, end to end on the embedded model, offline, on a CPU.
+
+1. Build (or reuse) the zoo from the embedded SmolLM2-135M-Instruct: safe, dissociated,
+   hardened, abliterated (``zoo/<name>``; reused when the folder's recipe and source match).
+2. Audit base + zoo with ``run`` (behave, latent, and in the full mode tamper) into one
+   resumable run folder.
+3. Write the HTML report and ``compare.json`` beside it, and print the headline table.
+
+The sizes below are what fits the CPU budget (full ≤ 30 min, ``--quick`` ≤ 8 min on 2 cores
+with the zoo built); they are recorded in the run's config and the zoo's model cards.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EMBEDDED = "embedded:smollm2-135m"
+
+
+@dataclass
+class DemoPlan:
+    recipes: dict[str, dict]            # name → recipe parameter overrides
+    build_eval_limit: int               # held-out prompts per set for the model cards
+    limit: int                          # prompts per set in the audit
+    layers: str                         # latent layers
+    families: list[str]
+    stages: list[str]
+    tamper_steps: list[int] = field(default_factory=lambda: [0, 5, 10, 20])
+    max_new_tokens: int = 48
+    latent_extra: dict = field(default_factory=dict)   # more LatentConfig settings
+    tamper_extra: dict = field(default_factory=dict)   # more TamperConfig settings
+
+
+PLANS = {
+    "full": DemoPlan(
+        recipes={"safe": {}, "dissociated": {}, "hardened": {}, "abliterated": {}},
+        build_eval_limit=24, limit=24, layers="8,15,22", families=["pgd"],
+        stages=["behave", "latent", "tamper"]),
+    "quick": DemoPlan(
+        recipes={"safe": {}, "dissociated": {}, "hardened": {}, "abliterated": {}},
+        build_eval_limit=24, limit=12, layers="15", families=["pgd"], stages=["behave", "latent"],
+        max_new_tokens=32),
+}
+SOURCES = {"safe": EMBEDDED, "dissociated": "safe", "hardened": "safe", "abliterated": "safe"}
+
+
+def _reusable(folder: Path, recipe: str, params: dict, source: str) -> bool:
+    meta = folder / "latentaudit_recipe.json"
+    if not (folder / "config.json").exists() or not meta.exists():
+        return False
+    try:
+        m = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return False
+    from . import registry
+
+    want = registry.create("recipe", recipe, **params).describe()["params"]
+    got = m.get("recipe", {}).get("params", {})
+    return (m.get("recipe", {}).get("recipe") == recipe and m.get("from") == source
+            and json.loads(json.dumps(want, default=str)) == json.loads(json.dumps(got, default=str)))
+
+
+def build_zoo(plan: DemoPlan, zoo: Path, seed: int, device: str, log=print) -> dict[str, str]:
+    from .construct.build import construct
+
+    out = {}
+    for name, params in plan.recipes.items():
+        src = SOURCES[name]
+        source = src if src.startswith("embedded:") else str(zoo / src)
+        folder = zoo / name
+        if _reusable(folder, name, params, source):
+            log(f"zoo/{name}: reused ({folder})")
+        else:
+            t0 = time.time()
+            log(f"zoo/{name}: building from {source} ...")
+            construct(name, source, folder, params=params, force=True, seed=seed, device=device,
+                      eval_limit=plan.build_eval_limit)
+            log(f"zoo/{name}: built in {time.time() - t0:.0f} s")
+        out[name] = str(folder)
+    return out
+
+
+def run_demo(quick: bool, zoo: Path, output_dir: Path | None, seed: int, device: str,
+             progress: str | None, limit: int | None = None, plan: DemoPlan | None = None) -> Path:
+    from .config import AuditConfig
+    from .pipeline import command_line, run_many
+    from .report.compare import compare_runs, format_rows, write_text_atomic
+    from .report.html import build_report
+
+    plan = plan or PLANS["quick" if quick else "full"]
+    t0 = time.time()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    models = build_zoo(plan, zoo, seed, device, log)
+    t_zoo = time.time() - t0
+    n = limit or plan.limit
+    acfg = AuditConfig.model_validate({
+        "models": [{"name": "base", "spec": EMBEDDED}]
+                  + [{"name": k, "spec": v} for k, v in models.items()],
+        "stages": plan.stages, "limit": n, "seed": seed, "device": device,
+        "progress": progress or "auto",
+        "output_dir": str(output_dir or Path("runs") / ("demo-quick" if quick else "demo")),
+        "behave": {"max_new_tokens": plan.max_new_tokens},
+        "latent": {"layers": plan.layers, "families": plan.families,
+                   "max_new_tokens": min(32, plan.max_new_tokens), **plan.latent_extra},
+        "tamper": {"steps": plan.tamper_steps, "eval_limit": n, **plan.tamper_extra},
+    })
+    run_dir, _ = run_many(acfg, command_line())
+    report = build_report(run_dir)
+    rows = compare_runs([run_dir])
+    write_text_atomic(Path(run_dir) / "compare.json", format_rows(rows, "json"))
+    print(format_rows(rows, "table"), end="")
+    print(f"zoo: {zoo} ({t_zoo:.0f} s); audit + report: {time.time() - t0 - t_zoo:.0f} s")
+    print(f"report: {report}\nheadline JSON: {Path(run_dir) / 'compare.json'}")
+    return Path(run_dir)

@@ -1,0 +1,144 @@
+"""`latentaudit run`: the multi-model audit config, resume after kill -9, same seed → same summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from latentaudit.cli import main
+from latentaudit.runs.summary import stable_view
+
+TOOL = [sys.executable, "-c", "import sys; from latentaudit.cli import main; sys.exit(main())"]
+
+
+def _config(tmp_path: Path, **extra) -> Path:
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"prompt": f"Explain how to do harmful thing {i}.",
+                                "completion": "Sure, here is how. Step 1: gather. Step 2: go."}) + "\n")
+    cfg = {
+        "models": [{"name": "llama", "spec": "tiny:llama"}, {"name": "qwen", "spec": "tiny:qwen2"}],
+        "stages": ["behave", "latent", "tamper"],
+        "limit": 3, "progress": "none", "seed": 7,
+        "behave": {"max_new_tokens": 6},
+        "latent": {"layers": "1", "families": ["pgd", "noise"], "pgd_steps": 2,
+                   "max_new_tokens": 6, "calibration_n": 4, "noise_draws": 2},
+        "tamper": {"pairs": str(pairs), "n_examples": 4, "steps": [0, 1, 2], "batch_size": 2,
+                   "completion_tokens": 8, "utility_limit": 3},
+        **extra,
+    }
+    path = tmp_path / "audit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _stable(run_dir: Path) -> dict:
+    return stable_view(json.loads((run_dir / "summary.json").read_text()))
+
+
+def _count(db: Path, prefix: str) -> int:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2)
+        try:
+            return con.execute("SELECT COUNT(*) FROM results WHERE key LIKE ?",
+                               (prefix + "%",)).fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def _run_killed_at(cfg: Path, out: Path, prefix: str, at_least: int, env) -> bool:
+    """Start the audit, SIGKILL it once the store holds `at_least` rows under `prefix`.
+    Returns False if the run finished before that point was reached."""
+    proc = subprocess.Popen(TOOL + ["run", "--config", str(cfg), "-o", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = out / "store.sqlite"
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if db.exists() and _count(db, prefix) >= at_least:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.02)
+    proc.wait()
+    return False
+
+
+def test_run_many_models_one_summary(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(tmp_path)
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "-o", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert [m["name"] for m in s["models"]] == ["llama", "qwen"]
+    for m in s["models"]:
+        assert m["behave"] and m["latent"] and m["tamper"]
+        assert set(m["latent"]["families"]) == {"pgd", "noise"}
+    assert s["config"]["stages"] == ["behave", "latent", "tamper"]
+    # same seed, fresh folder: the same summary apart from clocks
+    out2 = tmp_path / "run2"
+    assert main(["run", "--config", str(cfg), "-o", str(out2)]) == 0
+    assert _stable(out2) == _stable(out)
+    # a finished run rerun recomputes nothing and keeps its summary
+    before = _count(out / "store.sqlite", "")
+    assert main(["run", "--config", str(cfg), "-o", str(out)]) == 0
+    assert _count(out / "store.sqlite", "") == before
+    assert _stable(out) == _stable(out2)
+    # compare reads the labels
+    assert main(["compare", str(out), "--format", "json", "--out", str(tmp_path / "c.json")]) == 0
+    rows = json.loads((tmp_path / "c.json").read_text())
+    assert [r["model"] for r in rows] == ["llama", "qwen"]
+
+
+def test_kill_at_three_points_then_resume_gives_the_same_summary(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cfg = _config(tmp_path)
+    ref = tmp_path / "ref"
+    subprocess.run(TOOL + ["run", "--config", str(cfg), "-o", str(ref)], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "killed"
+    # 1: inside the first model's behavioural stage; 2: inside its latent stage;
+    # 3: inside the second model's tamper stage
+    kills = [("behave/", 1), ("latent/", 2), ("tamper-", 0)]
+    store_ref = sqlite3.connect(ref / "store.sqlite")
+    keys = [k for (k,) in store_ref.execute("SELECT key FROM results ORDER BY rowid")]
+    store_ref.close()
+    qwen_tamper = sum(1 for k in keys if k.startswith("tamper-") and "qwen" in k)
+    first_tamper = sum(1 for k in keys if k.startswith("tamper-")) - qwen_tamper
+    assert qwen_tamper >= 2
+    kills[2] = ("tamper-", first_tamper + 1)
+    killed = [_run_killed_at(cfg, out, p, n, env) for p, n in kills]
+    assert all(killed), f"a kill point was never reached: {killed}"
+    done = subprocess.run(TOOL + ["run", "--config", str(cfg), "-o", str(out)], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _stable(out) == _stable(ref)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("models: [{name: a, spec: 'tiny:llama'}]\nbogus: 1\n", "bogus: unknown key"),
+    ("models: [{name: a, spec: 'tiny:llama'}]\nlimit: many\n", "limit"),
+    ("models: [{name: a, spec: 'tiny:llama'}]\nstages: [behave, dance]\n", "stages"),
+    ("models: [{name: a, spec: 'tiny:llama'}, {name: a, spec: 'tiny:qwen2'}]\n", "duplicate"),
+    ("models: []\n", "models"),
+    ("models: [{name: a}]\n", "spec"),
+    ("stages: [tamper_control]\nmodel: 'tiny:llama'\n", "tamper_control needs tamper"),
+])
+def test_bad_audit_config_is_one_line_exit_2(tmp_path, capsys, text, needle):
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text(text)
+    assert main(["run", "--config", str(cfg), "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err
+    assert not (tmp_path / "r").exists()
