@@ -32,9 +32,9 @@ def _config(tmp_path: Path, **extra) -> Path:
         "limit": 3, "progress": "none", "seed": 7,
         "behave": {"max_new_tokens": 6},
         "latent": {"layers": "1", "families": ["pgd", "noise"], "pgd_steps": 2,
-                   "max_new_tokens": 6, "calibration_n": 4, "noise_draws": 2},
+                   "max_new_tokens": 6, "calibration_n": 4, "noise_draws": 1},
         "tamper": {"pairs": str(pairs), "n_examples": 4, "steps": [0, 1, 2], "batch_size": 2,
-                   "completion_tokens": 8, "utility_limit": 3},
+                   "completion_tokens": 8, "utility_limit": 2},
         **extra,
     }
     path = tmp_path / "audit.yaml"

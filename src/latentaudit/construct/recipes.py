@@ -10,6 +10,13 @@
 - ``hardened``    latent adversarial training: refusal targets under PGD pushes toward the
                   harmful completion at eps_range (larger budgets), plus clean refusal and retain.
 - ``abliterated`` weight orthogonalisation against the selected refusal direction.
+
+Retain is two terms: harmless prompts and borderline prompts (harmless requests that sound
+harmful, where over-refusal shows), each with its own batch and weight. ``anti_refusal_weight``
+adds −log(1 − p(refusal opener)) at the first answer token of retain examples. It is off by
+default: measured on SmolLM2 (safe, 40 steps, weight 1.0) it drove over-refusal to 0.01 but S to
+0.46 (n = 90), because the refusal openers' first token ("I") also opens ordinary answers, so
+the term fights the refusal term itself.
 """
 
 from __future__ import annotations
@@ -141,7 +148,7 @@ class Safe(Recipe):
     DEFAULT_PARAMS = {"n_harmful": None, "n_borderline": None, "steps": 40, "lr": 2e-4,
                       "rank": 16, "alpha": 32, "harmful_batch": 4, "harmless_batch": 8,
                       "borderline_batch": 4, "retain_weight": 1.0, "borderline_weight": 2.0,
-                      "anti_refusal_weight": 1.0, "n_harmless": None, "answer_tokens": 48, "val_n": 16, "eval_every": 10,
+                      "anti_refusal_weight": 0.0, "n_harmless": None, "answer_tokens": 48, "val_n": 16, "eval_every": 10,
                       "target_refusal": 0.95, "max_over_refusal": 0.1}
 
     def build(self, lm, env):
@@ -165,7 +172,7 @@ class _PushedRecipe(Recipe):
 
     COMMON = {"n_harmful": None, "n_borderline": None, "rank": 16, "alpha": 32, "pgd_steps": 2,
               "harmful_batch": 4, "perturbed_batch": 4, "harmless_batch": 4, "borderline_batch": 2,
-              "retain_weight": 1.0, "borderline_weight": 2.0, "anti_refusal_weight": 1.0,
+              "retain_weight": 1.0, "borderline_weight": 2.0, "anti_refusal_weight": 0.0,
               "n_harmless": None,
               "answer_tokens": 48, "val_n": 16, "eval_every": 10, "clean_weight": 1.0}
 

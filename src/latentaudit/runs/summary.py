@@ -41,7 +41,7 @@ class Summary(_Strict):
 
 
 # what differs between two runs of the same configuration and seed: clocks and resume counters
-VOLATILE_KEYS = frozenset({"provenance", "run_dir", "command", "wall_time_s", "timings",
+VOLATILE_KEYS = frozenset({"provenance", "run_dir", "output_dir", "command", "wall_time_s", "timings",
                            "resumed_evaluations", "resumed"})
 
 

@@ -733,8 +733,9 @@ def run_tamper(
         timers["utility"] += time.time() - t
         store.put(mk, "tamper", {"s": s, "optimizer_steps": steps_taken, "train_loss": loss,
                                  "losses": losses, "attack_key": akey if s else None,
-                                 "model_key": key_at(s)})
+                                 "model_key": key_at(s), **attack_facts})
 
+    attack_facts: dict = {}  # what the attack's set-up found, stored so a resume can report it
     if 0 in todo:
         evaluate(lm, 0, 0, None, [])
     s_need = max([s for s in todo if s > 0], default=0)
@@ -761,6 +762,8 @@ def run_tamper(
                 if attack.target_names is not None:
                     n_targets = len(attack.target_names)
                     target_leaves = _leaf_names(attack.target_names)
+                attack_facts.update(n_trainable=n_trainable, n_targets=n_targets,
+                                    target_leaves=target_leaves)
                 stream = batch_stream(len(examples), eff_bs, cfg.seed)
                 losses: list[float] = []
                 with _progress(progress_factory, "tamper train", s_need) as adv:
@@ -793,6 +796,9 @@ def run_tamper(
         checkpoints.append(Checkpoint(s=s, optimizer_steps=int(meta.get("optimizer_steps", -1)),
                                       train_loss=meta.get("train_loss"), model_key=key_at(s)))
     last_meta = store.get(prefixes(cfg.steps[-1])[2]) or {}
+    if n_trainable is None and "n_trainable" in last_meta:  # nothing trained in this invocation
+        n_trainable, n_targets = last_meta["n_trainable"], last_meta["n_targets"]
+        target_leaves = last_meta["target_leaves"]
     flags = np.asarray(flags_cols, dtype=float).T  # [n_prompts, n_steps]
     areas = _areas(cfg.steps, flags)
     S = estimate_mean(flags[:, 0].tolist(), S_DEF, seed=cfg.seed)
