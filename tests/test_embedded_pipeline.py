@@ -77,13 +77,13 @@ def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys):
              "val_n": 4, "eval_every": 0, "harmless_batch": 2, "borderline_batch": 1,
              "harmful_batch": 2, "perturbed_batch": 2}
     plan = DemoPlan(recipes={"safe": SAFE_TEST_PARAMS, "dissociated": small, "hardened": small,
-                             "abliterated": {"n": 16, "selection_n": 4}},
-                    build_eval_limit=4, limit=4, layers="15", families=["pgd"],
-                    stages=["behave", "latent", "tamper"], tamper_steps=[0, 2],
-                    max_new_tokens=16,
-                    latent_extra={"pgd_steps": 2, "rel_tol": 3.0, "calibration_n": 4},
-                    tamper_extra={"n_examples": 4, "batch_size": 2, "utility_limit": 2,
-                                  "completion_tokens": 16})
+                             "abliterated": {"n": 8, "selection_n": 2}},
+                    build_eval_limit=2, build_eval_tokens=8, limit=2, layers="15", families=["pgd"],
+                    stages=["behave", "latent", "tamper"], tamper_steps=[0, 1],
+                    max_new_tokens=8,
+                    latent_extra={"pgd_steps": 1, "rel_tol": 8.0, "calibration_n": 4},
+                    tamper_extra={"n_examples": 2, "batch_size": 2, "utility_limit": 2,
+                                  "completion_tokens": 8})
     run_dir = run_demo(False, zoo, tmp_path / "run", 0, "cpu", "none", plan=plan)
     err = capsys.readouterr()
     assert "zoo/safe: reused" in err.err
@@ -91,5 +91,5 @@ def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys):
     assert [r["model"] for r in rows] == ["base", "safe", "dissociated", "hardened", "abliterated"]
     for r in rows:
         for k in ("S", "lvs", "r_ft", "ag_latent", "ag_ft"):
-            assert r[k] is not None and r[k]["n"] == 4, (r["model"], k)
+            assert r[k] is not None and r[k]["n"] == 2, (r["model"], k)
     assert (run_dir / "report.html").exists() and "dissociated" in err.out

@@ -31,6 +31,7 @@ class DemoPlan:
     stages: list[str]
     tamper_steps: list[int] = field(default_factory=lambda: [0, 5, 10, 20])
     max_new_tokens: int = 48
+    build_eval_tokens: int = 64                         # tokens per held-out answer in the cards
     latent_extra: dict = field(default_factory=dict)   # more LatentConfig settings
     tamper_extra: dict = field(default_factory=dict)   # more TamperConfig settings
 
@@ -78,7 +79,7 @@ def build_zoo(plan: DemoPlan, zoo: Path, seed: int, device: str, log=print) -> d
             t0 = time.time()
             log(f"zoo/{name}: building from {source} ...")
             construct(name, source, folder, params=params, force=True, seed=seed, device=device,
-                      eval_limit=plan.build_eval_limit)
+                      eval_limit=plan.build_eval_limit, eval_tokens=plan.build_eval_tokens)
             log(f"zoo/{name}: built in {time.time() - t0:.0f} s")
         out[name] = str(folder)
     return out

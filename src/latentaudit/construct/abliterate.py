@@ -23,7 +23,7 @@ def orthogonalize(lm, r_hat: torch.Tensor) -> None:
     if not writers_write_directly(parts.family):
         raise UserError(f"weight orthogonalisation is not exact for {parts.family} (its blocks "
                         "normalise what they write into the residual stream)")
-    r = (r_hat / r_hat.norm()).to(parts.embed.weight.dtype)
+    r = (r_hat / r_hat.norm()).to(parts.embed.weight.device, parts.embed.weight.dtype)
     head = parts.lm_head
     if head is not None and getattr(head, "weight", None) is parts.embed.weight or (
             head is not None and head.weight.data_ptr() == parts.embed.weight.data_ptr()):
