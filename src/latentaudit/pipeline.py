@@ -212,12 +212,10 @@ def run_many(acfg, command: str) -> tuple[Path, Summary]:
     stages = list(acfg.stages)
     base = acfg.model_dump(exclude={"models", "stages"})
     cfgs = [RunConfig.model_validate({**base, "model": e.spec}) for e in entries]
-    for c in cfgs:  # every setting is checked before the first model loads
-        if "latent" in stages:
-            for fam in c.latent.families:
-                registry.get("family", fam)
+    if "latent" in stages:  # every model shares these settings: checked once, before any loads
+        for fam in acfg.latent.families:
+            registry.get("family", fam)
     run = open_run(acfg.output_dir, acfg.model_dump(), "audit")
-    summary = None
     try:
         for e, c in zip(entries, cfgs):
             print(f"== {e.name}: {e.spec} ({', '.join(stages)})", file=sys.stderr, flush=True)
