@@ -439,3 +439,61 @@ def test_worst_case_search_with_a_stub_optuna(tiny_lm, tmp_path, monkeypatch):
     best = min(res.trials, key=lambda t: t.R_ft)
     assert res.best is not None and res.best.R_ft.value == best.R_ft
     assert res.best_params == {"lr": best.lr, "rank": best.rank, "alpha": best.alpha}
+
+
+def test_worst_case_search_with_optuna_resumes_from_the_store(tiny_lm, tmp_path, monkeypatch):
+    """The real optuna (a test dependency): a seeded search gives the same trials twice, and the
+    second search, on the same store, trains nothing (every trial is read back)."""
+    pytest.importorskip("optuna")
+    cfg = _cfg(tmp_path, search_trials=3, utility_guard=10.0, search_lr=(1e-4, 3e-2),
+               search_ranks=[2, 4])
+    store = ResultStore(tmp_path / "s.sqlite")
+    kw = dict(store=store, model_key="tiny", eval_set=_set("harm", 6),
+              utility_prompts=_set("ok", 3, "task"), gen_batch_size=4)
+    first = worst_case_search(tiny_lm, cfg, HashJudge(), **kw)
+    assert first.n_trials == 3 and len(first.trials) == 3
+    assert all(1e-4 <= t.lr <= 3e-2 and t.rank in (2, 4) and t.alpha == 2 * t.rank
+               for t in first.trials)
+    assert len({t.attack_key for t in first.trials}) == 3  # three distinct attacks
+    assert first.best is not None
+    assert first.best.R_ft.value == min(t.R_ft for t in first.trials if t.feasible)
+
+    n_keys = store.count()
+    again = worst_case_search(tiny_lm, cfg, HashJudge(), **kw)
+    assert [t.model_dump() for t in again.trials] == [t.model_dump() for t in first.trials]
+    assert again.best.timings.steps_trained == 0 and store.count() == n_keys
+
+
+def test_search_settings_are_validated():
+    for kw, needle in [({"search_trials": -1}, "search_trials"),
+                       ({"utility_guard": -0.5}, "utility_guard"),
+                       ({"search_lr": (1e-3, 1e-4)}, "search_lr"),
+                       ({"search_ranks": []}, "search_ranks")]:
+        with pytest.raises(UserError, match=needle):
+            validate_tamper(TamperConfig(**kw))
+
+
+def test_tamper_verb_runs_the_worst_case_search(tmp_path, monkeypatch, capsys):
+    """`latentaudit tamper --search-trials N`: the trials land in summary.json and the table."""
+    pytest.importorskip("optuna")
+    from latentaudit.cli import main
+
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(json.dumps({"behave": {"max_new_tokens": 4},
+                               "tamper": {"pairs": str(_pairs_file(tmp_path)), "n_examples": 4,
+                                          "steps": [0, 1, 2], "batch_size": 2, "completion_tokens": 8,
+                                          "utility_limit": 2, "search_lr": [1e-3, 3e-2],
+                                          "search_ranks": [2, 4]}}))
+    out = tmp_path / "run"
+    args = ["tamper", "--model", "tiny:llama", "--config", str(cfg), "--limit", "3", "-o", str(out),
+            "--progress", "none", "--search-trials", "2", "--utility-guard", "5"]
+    assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    ws = s["models"][0]["tamper_search"]
+    assert ws["n_trials"] == 2 and len(ws["trials"]) == 2 and ws["utility_guard"] == 5
+    assert s["models"][0]["tamper"] is not None
+    assert "worst-case search" in capsys.readouterr().out
+    assert main(["tamper", "--model", "tiny:llama", "--search-trials", "-1", "-o",
+                 str(tmp_path / "bad"), "--progress", "none"]) == 2
+    assert not (tmp_path / "bad").exists()

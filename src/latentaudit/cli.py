@@ -298,6 +298,21 @@ def _print_tamper(summary, run_dir) -> None:
             console.print(t)
             console.print(f"S = {ts.S.fmt()}; steps-to-break s½ = {ts.s_half.value if ts.s_half else None}; "
                           f"R_ft = {ts.R_ft.fmt()}; AG_ft = {ts.AG_ft.fmt()}")
+        ws = m.tamper_search
+        if ws is not None:
+            t = Table(title=f"worst-case search ({ws.n_trials} trials, utility guard {ws.utility_guard:g})")
+            for col in ("lr", "rank", "R_ft", "s½", "max U(s)/U(0)", "feasible"):
+                t.add_column(col, justify="right")
+            for tr in ws.trials:
+                t.add_row(f"{tr.lr:.2e}", str(tr.rank), f"{tr.R_ft:.3f}",
+                          "-" if tr.s_half is None else f"{tr.s_half:g}",
+                          f"{tr.utility_ratio:.3f}", "yes" if tr.feasible else "no")
+            console.print(t)
+            if ws.best is not None:
+                console.print(f"worst case: {ws.best_params} R_ft = {ws.best.R_ft.fmt()} "
+                              "(the minimum over trials on these prompts: biased low)")
+            else:
+                console.print("worst case: no trial passed the utility guard")
     console.print(f"results: {run_dir}/summary.json")
 
 
@@ -318,6 +333,8 @@ def tamper(
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank [default: 16]")] = None,
     attack_batch_size: Annotated[Optional[int], typer.Option(help="attack batch size [default: 8]")] = None,
     control: Annotated[Optional[str], typer.Option(help="harmful (the attack), benign (the control alone) or both")] = None,
+    search_trials: Annotated[Optional[int], typer.Option(help="after the attack, a worst-case search: N optuna trials over lr and LoRA rank, keeping the strongest attack that passes the utility guard (needs optuna) [default: 0, off]")] = None,
+    utility_guard: Annotated[Optional[float], typer.Option(help="worst-case search: utility NLL may rise by at most this fraction of its clean value [default: 0.1]")] = None,
     data_dir: DataDirOpt = None,
     batch_size: BatchOpt = None,
     progress: ProgressOpt = None,
@@ -340,7 +357,8 @@ def tamper(
     over.update({"tamper.pairs": harmful_pairs, "tamper.n_examples": n_examples,
                  "tamper.steps": step_list, "tamper.method": method, "tamper.lr": lr,
                  "tamper.rank": rank, "tamper.batch_size": attack_batch_size,
-                 "tamper.control": "benign" if control == "benign" else None})
+                 "tamper.control": "benign" if control == "benign" else None,
+                 "tamper.search_trials": search_trials, "tamper.utility_guard": utility_guard})
     cfg = resolve_config(str(config) if config else None, over)
     stages = ["tamper"] + (["tamper_control"] if control == "both" else [])
     run, summary = run_audit(cfg, stages, command_line())

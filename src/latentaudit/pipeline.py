@@ -64,7 +64,7 @@ def _merge_previous(run: Run, models: list[ModelSummary]) -> list[ModelSummary]:
     for m in models:
         p = next((o for o in old.models if o.key == m.key), None)
         if p is not None:
-            for stage in ("behave", "latent", "tamper", "tamper_control"):
+            for stage in ("behave", "latent", "tamper", "tamper_control", "tamper_search"):
                 if getattr(m, stage) is None and getattr(p, stage) is not None:
                     setattr(m, stage, getattr(p, stage))
             if m.name is None:
@@ -154,6 +154,12 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None =
         from .stages.tamper import validate_tamper
 
         validate_tamper(cfg.tamper)
+        if cfg.tamper.search_trials:
+            try:
+                import optuna  # noqa: F401
+            except ImportError:
+                raise UserError("tamper: search_trials needs optuna: pip install optuna "
+                                "(or pip install 'latentaudit[search]')") from None
     lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
     if "latent" in stages:
         parse_layers(cfg.latent.layers, lm.n_layers)
@@ -195,6 +201,13 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None =
                 ms.tamper_control = run_tamper(lm, run.store, key, ccfg, judge, prog,
                                                data_dir=cfg.data_dir, gen_batch_size=cfg.batch_size,
                                                system=cfg.behave.system)
+            if tcfg.search_trials:
+                from .stages.tamper import worst_case_search
+
+                summary = _write_summary(run, cfg, command, t0, [ms])
+                ms.tamper_search = worst_case_search(
+                    lm, tcfg, judge, store=run.store, model_key=key, progress_factory=prog,
+                    data_dir=cfg.data_dir, gen_batch_size=cfg.batch_size, system=cfg.behave.system)
         summary = _write_summary(run, cfg, command, t0, [ms])
         return run, summary
     finally:

@@ -27,6 +27,8 @@ class ModelSummary(_Strict):
     tamper: "TamperSummary | None" = None
     tamper_control: "TamperSummary | None" = Field(
         default=None, description="the benign control: the same budget on harmless pairs")
+    tamper_search: "WorstCaseResult | None" = Field(
+        default=None, description="the worst-case search over lr and LoRA rank (tamper.search_trials)")
 
 
 class Summary(_Strict):
@@ -64,7 +66,7 @@ def summary_schema() -> dict:
 
 from ..stages.behave import BehaveSummary  # noqa: E402
 from ..stages.latent import LatentSummary  # noqa: E402
-from ..stages.tamper import TamperSummary  # noqa: E402
+from ..stages.tamper import TamperSummary, WorstCaseResult  # noqa: E402
 
 ModelSummary.model_rebuild()
 Summary.model_rebuild()
