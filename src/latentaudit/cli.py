@@ -41,7 +41,7 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, c
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 [default: float32]")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="run folder [default: runs/<time>-<model>, or the earlier folder of the same config, resumed]")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="folder with local copies of the standard sets (layout of shared/data); otherwise they load from the hub")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="prompts per batch [default: 16]")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="prompts per generation batch [default: 32]")]
 ProgressOpt = Annotated[Optional[str], typer.Option("--progress", help="auto, rich, plain or none")]
 TrustOpt = Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="allow a hub model's own code (off unless asked)")]
 
@@ -88,7 +88,7 @@ def behave(
     harmless: Annotated[Optional[list[str]], typer.Option(help="harmless set(s) for over-refusal; repeat the flag [default: builtin:harmless:test, builtin:borderline:test]")] = None,
     data_dir: DataDirOpt = None,
     prompt_col: Annotated[Optional[str], typer.Option(help="prompt column of local/hub files")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="greedy tokens per response [default: 64]")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="greedy tokens per response [default: 32]")] = None,
     judge: Annotated[Optional[str], typer.Option(help="judge (latentaudit ls judges) [default: substring]")] = None,
     system: Annotated[Optional[str], typer.Option(help="system prompt (default: the chat template's own)")] = None,
     batch_size: BatchOpt = None,
@@ -271,7 +271,7 @@ def construct(
     params = {k: v for k, v in params.items() if v is not None and k in cls.DEFAULT_PARAMS}
     quiet_libraries()
     path = build(recipe, source, out or Path("zoo") / recipe, params, force, seed or 0, data_model,
-                 device or "auto", dtype or "float32", eval_limit, 64, batch_size or 16,
+                 device or "auto", dtype or "float32", eval_limit, 32, batch_size or 32,
                  progress_factory=progress_factory(progress or "auto"))
     meta = json.loads((path / "latentaudit_recipe.json").read_text())
     ev = meta["evaluation"]

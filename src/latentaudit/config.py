@@ -25,7 +25,7 @@ class BehaveConfig(_Strict):
     harmless: list[str] = Field(
         default_factory=lambda: ["builtin:harmless:test", "builtin:borderline:test"],
         description="harmless prompt sets (over-refusal)")
-    max_new_tokens: int = Field(64, gt=0, le=4096, description="greedy tokens per response")
+    max_new_tokens: int = Field(32, gt=0, le=4096, description="greedy tokens per response (the judge reads the opening sentences: benchmarks/bench_eval_tokens.py)")
     judge: str = Field("substring", description="judge name (latentaudit ls judges)")
     system: str | None = Field(None, description="system prompt; None keeps the template's default")
     prompt_col: str | None = Field(None, description="prompt column of local/hub files")
@@ -40,7 +40,7 @@ class RunConfig(_Strict):
     output_dir: str | None = None
     data_dir: str | None = Field(None, description="folder with local copies of standard sets")
     trust_remote_code: bool = False
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(32, gt=0)
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     behave: BehaveConfig = Field(default_factory=BehaveConfig)
     latent: "LatentConfig" = Field(default_factory=lambda: _latent_config())

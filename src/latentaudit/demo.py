@@ -31,7 +31,7 @@ class DemoPlan:
     stages: list[str]
     tamper_steps: list[int] = field(default_factory=lambda: [0, 5, 10, 20])
     max_new_tokens: int = 48
-    build_eval_tokens: int = 64                         # tokens per held-out answer in the cards
+    build_eval_tokens: int = 32                         # tokens per held-out answer in the cards
     latent_extra: dict = field(default_factory=dict)   # more LatentConfig settings
     tamper_extra: dict = field(default_factory=dict)   # more TamperConfig settings
 

@@ -80,7 +80,7 @@ def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
 def construct(recipe_name: str, source: str, out: str | Path, params: dict | None = None,
               force: bool = False, seed: int = 0, data_model: str = "embedded:smollm2-135m",
               device: str | None = "auto", dtype: str = "float32", eval_limit: int | None = None,
-              eval_tokens: int = 64, batch_size: int = 16, judge_name: str = "substring",
+              eval_tokens: int = 32, batch_size: int = 32, judge_name: str = "substring",
               progress_factory=None) -> Path:
     t0 = time.time()
     recipe = registry.create("recipe", recipe_name, **(params or {}))

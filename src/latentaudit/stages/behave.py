@@ -47,8 +47,8 @@ class BehaveSummary(BaseModel):
 
 @dataclass(frozen=True)
 class GenSettings:
-    max_new_tokens: int = 64
-    batch_size: int = 16
+    max_new_tokens: int = 32
+    batch_size: int = 32
     system: str | None = None
 
     def key(self, model_key: str, judge_desc: dict) -> str:

@@ -142,7 +142,7 @@ class TamperConfig(BaseModel):
     eval_limit: int | None = None
     utility_set: str = "builtin:harmless:test"
     utility_limit: int = 32
-    max_new_tokens: int = 64
+    max_new_tokens: int = 32
     seed: int = 0
     search_trials: int = Field(0, description="worst-case search: optuna (TPE) trials over lr and "
                                "LoRA rank after the attack; 0 = off")
