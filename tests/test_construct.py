@@ -139,3 +139,36 @@ def test_anti_refusal_term_lowers_refusal_opener_mass(tiny_lm):
                     steps=6, lr=1e-2, rank=4, alpha=8)
         out[w] = mass(lm)
     assert out[5.0] < out[0.0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "phi3", "gemma2"])
+def test_token_nll_with_a_trimmed_head_equals_the_full_computation(family):
+    """token_nll runs the LM head only from the first label on; per-row NLL sums, counts and
+    first-answer-token mass equal those of the full logits, and so do the gradients."""
+    from latentaudit.models.tiny import tiny_model
+    from latentaudit.training import Example, collate, token_nll
+
+    model = tiny_model(family)
+    ex = [Example([5, 6, 7, 8, 9, 10, 11], 4), Example([5, 6, 10, 11, 12], 2),
+          Example([5, 6, 7, 8, 9, 10], 5)]
+    batch = collate(ex, 0, "cpu")
+    ids = torch.tensor([8, 11, 12])
+    nll, n, p = token_nll(model, batch, ids)
+    nll.sum().backward()
+    got = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits.float()[:, :-1]
+    tgt = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt.clamp(min=0), reduction="none")
+    valid = tgt != -100
+    want = (ce * valid).sum(-1)
+    want.sum().backward()
+    assert n.tolist() == valid.sum(-1).tolist() == [3, 3, 1]
+    assert torch.allclose(nll, want, atol=1e-5)
+    first = valid.float().argmax(-1)
+    pw = torch.softmax(logits[torch.arange(3), first], -1)[:, ids].sum(-1)
+    assert torch.allclose(p, pw, atol=1e-6)
+    for k, v in model.named_parameters():
+        if v.grad is not None:
+            assert torch.allclose(got[k], v.grad, atol=1e-5), k

@@ -85,10 +85,27 @@ def token_nll(model, batch: dict[str, torch.Tensor], first_token_ids: torch.Tens
     """(sum of target-token NLL per row, number of target tokens per row); with
     ``first_token_ids`` also the probability mass those tokens get at each row's first target
     position (e.g. the tokens that open refusals)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits
+    labels = batch["labels"]
+    width = labels.shape[1]
+    has = (labels != -100).any(0)
+    first_label = int(has.float().argmax()) if bool(has.any()) else width - 1
+    # the head runs only from the position before the first label on (prompt logits are not
+    # needed: about a third of the head's cost on prompt-heavy batches)
+    keep = max(2, width - max(first_label - 1, 0))
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"])
+    logits = None
+    if keep < width:
+        try:
+            logits = model(**kwargs, logits_to_keep=keep).logits
+        except TypeError:  # an architecture without logits_to_keep
+            logits = None
+        if logits is not None and logits.shape[1] != keep:
+            logits = logits[:, -keep:]
+    if logits is None:
+        logits = model(**kwargs).logits[:, -keep:]
     logits = logits[:, :-1].float()
-    tgt = batch["labels"][:, 1:]
+    tgt = labels[:, width - keep + 1:]
     nll = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1).clamp(min=0), reduction="none"
     ).view_as(tgt)
