@@ -497,3 +497,28 @@ def test_tamper_verb_runs_the_worst_case_search(tmp_path, monkeypatch, capsys):
     assert main(["tamper", "--model", "tiny:llama", "--search-trials", "-1", "-o",
                  str(tmp_path / "bad"), "--progress", "none"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_benign_control_alone_is_never_reported_as_the_attack(tmp_path, monkeypatch, capsys):
+    """`tamper --control benign` fills tamper_control (labelled so), not the attack's R_ft; a
+    later harmful run into the same folder adds the attack beside it."""
+    from latentaudit.cli import main
+
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(json.dumps({"behave": {"max_new_tokens": 4},
+                               "tamper": {"n_examples": 2, "steps": [0, 1], "batch_size": 2,
+                                          "completion_tokens": 4, "utility_limit": 2,
+                                          "data_model": "tiny:llama"}}))
+    out = tmp_path / "run"
+    base = ["tamper", "--model", "tiny:llama", "--config", str(cfg), "--limit", "2", "-o", str(out),
+            "--progress", "none"]
+    assert main(base + ["--control", "benign"]) == 0
+    printed = capsys.readouterr().out
+    assert "benign control" in printed and "harmful attack" not in printed
+    m = json.loads((out / "summary.json").read_text())["models"][0]
+    assert m["tamper"] is None and m["tamper_control"]["config"]["control"] == "benign"
+    assert main(base) == 0
+    m = json.loads((out / "summary.json").read_text())["models"][0]
+    assert m["tamper"]["config"]["control"] == "harmful"
+    assert m["tamper_control"]["config"]["control"] == "benign"

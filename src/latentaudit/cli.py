@@ -286,9 +286,10 @@ def _print_tamper(summary, run_dir) -> None:
 
     console = Console()
     for m in summary.models:
-        for label, ts in (("harmful attack", m.tamper), ("benign control", m.tamper_control)):
+        for ts in (m.tamper, m.tamper_control):
             if ts is None:
                 continue
+            label = "harmful attack" if ts.config.control == "harmful" else "benign control"
             t = Table(title=f"fine-tuning attack ({label}) — {m.model['spec']}")
             t.add_column("steps s", justify="right")
             t.add_column("refusal r(s) [95% CI]")

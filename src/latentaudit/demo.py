@@ -30,7 +30,7 @@ class DemoPlan:
     families: list[str]
     stages: list[str]
     tamper_steps: list[int] = field(default_factory=lambda: [0, 5, 10, 20])
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     build_eval_tokens: int = 32                         # tokens per held-out answer in the cards
     latent_extra: dict = field(default_factory=dict)   # more LatentConfig settings
     tamper_extra: dict = field(default_factory=dict)   # more TamperConfig settings
@@ -43,8 +43,7 @@ PLANS = {
         stages=["behave", "latent", "tamper"]),
     "quick": DemoPlan(
         recipes={"safe": {}, "dissociated": {}, "hardened": {}, "abliterated": {}},
-        build_eval_limit=24, limit=12, layers="15", families=["pgd"], stages=["behave", "latent"],
-        max_new_tokens=32),
+        build_eval_limit=24, limit=12, layers="15", families=["pgd"], stages=["behave", "latent"]),
 }
 SOURCES = {"safe": EMBEDDED, "dissociated": "safe", "hardened": "safe", "abliterated": "safe"}
 

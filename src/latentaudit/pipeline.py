@@ -194,14 +194,18 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None =
             tcfg = cfg.tamper.model_copy(update={
                 "seed": cfg.seed, "eval_limit": cfg.limit or cfg.tamper.eval_limit,
                 "max_new_tokens": cfg.behave.max_new_tokens})
-            ms.tamper = run_tamper(lm, run.store, key, tcfg, judge, prog, data_dir=cfg.data_dir,
-                                   gen_batch_size=cfg.batch_size, system=cfg.behave.system)
+            res = run_tamper(lm, run.store, key, tcfg, judge, prog, data_dir=cfg.data_dir,
+                             gen_batch_size=cfg.batch_size, system=cfg.behave.system)
+            if tcfg.control == "benign":  # the control alone: never reported as the attack
+                ms.tamper_control = res
+            else:
+                ms.tamper = res
             if "tamper_control" in stages:
                 ccfg = tcfg.model_copy(update={"control": "benign"})
                 ms.tamper_control = run_tamper(lm, run.store, key, ccfg, judge, prog,
                                                data_dir=cfg.data_dir, gen_batch_size=cfg.batch_size,
                                                system=cfg.behave.system)
-            if tcfg.search_trials:
+            if tcfg.search_trials and tcfg.control == "harmful":
                 from .stages.tamper import worst_case_search
 
                 summary = _write_summary(run, cfg, command, t0, [ms])
