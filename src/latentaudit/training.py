@@ -91,7 +91,7 @@ def token_nll(model, batch: dict[str, torch.Tensor], first_token_ids: torch.Tens
     first_label = int(has.float().argmax()) if bool(has.any()) else width - 1
     # the head runs only from the position before the first label on (prompt logits are not
     # needed: about a third of the head's cost on prompt-heavy batches)
-    keep = max(2, width - max(first_label - 1, 0))
+    keep = min(width, max(2, width - max(first_label - 1, 0)))
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   position_ids=batch["position_ids"])
     logits = None
