@@ -270,9 +270,10 @@ def construct(
     cls = registry.get("recipe", recipe)
     params = {k: v for k, v in params.items() if v is not None and k in cls.DEFAULT_PARAMS}
     quiet_libraries()
+    extra = {"batch_size": batch_size} if batch_size else {}  # else construct's own default
     path = build(recipe, source, out or Path("zoo") / recipe, params, force, seed or 0, data_model,
-                 device or "auto", dtype or "float32", eval_limit, 32, batch_size or 32,
-                 progress_factory=progress_factory(progress or "auto"))
+                 device or "auto", dtype or "float32", eval_limit,
+                 progress_factory=progress_factory(progress or "auto"), **extra)
     meta = json.loads((path / "latentaudit_recipe.json").read_text())
     ev = meta["evaluation"]
     typer.echo(f"{recipe}: S={ev['S']['value']:.2f} (n={ev['S']['n']}), over-refusal="
