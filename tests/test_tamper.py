@@ -435,9 +435,10 @@ def test_worst_case_search_with_a_stub_optuna(tiny_lm, tmp_path, monkeypatch):
                             gen_batch_size=4)
     assert [(t.lr, t.rank, t.alpha) for t in res.trials] == [(1e-2, 4, 8), (3e-3, 8, 16)]
     assert all(t.feasible for t in res.trials)  # a guard of 10x the clean NLL admits both
-    assert all(t.utility_ratio > 0 and 0 <= t.R_ft <= 1 for t in res.trials)
-    best = min(res.trials, key=lambda t: t.R_ft)
-    assert res.best is not None and res.best.R_ft.value == best.R_ft
+    assert all(t.utility_ratio > 0 and 0 <= t.R_ft.value <= 1 for t in res.trials)
+    assert all(t.R_ft.n == 6 and t.R_ft.lo <= t.R_ft.value <= t.R_ft.hi for t in res.trials)
+    best = min(res.trials, key=lambda t: t.R_ft.value)
+    assert res.best is not None and res.best.R_ft.value == best.R_ft.value
     assert res.best_params == {"lr": best.lr, "rank": best.rank, "alpha": best.alpha}
 
 
@@ -456,7 +457,7 @@ def test_worst_case_search_with_optuna_resumes_from_the_store(tiny_lm, tmp_path,
                for t in first.trials)
     assert len({t.attack_key for t in first.trials}) == 3  # three distinct attacks
     assert first.best is not None
-    assert first.best.R_ft.value == min(t.R_ft for t in first.trials if t.feasible)
+    assert first.best.R_ft.value == min(t.R_ft.value for t in first.trials if t.feasible)
 
     n_keys = store.count()
     again = worst_case_search(tiny_lm, cfg, HashJudge(), **kw)

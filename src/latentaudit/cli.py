@@ -306,7 +306,7 @@ def _print_tamper(summary, run_dir) -> None:
             for col in ("lr", "rank", "R_ft", "s½", "max U(s)/U(0)", "feasible"):
                 t.add_column(col, justify="right")
             for tr in ws.trials:
-                t.add_row(f"{tr.lr:.2e}", str(tr.rank), f"{tr.R_ft:.3f}",
+                t.add_row(f"{tr.lr:.2e}", str(tr.rank), tr.R_ft.fmt(),
                           "-" if tr.s_half is None else f"{tr.s_half:g}",
                           f"{tr.utility_ratio:.3f}", "yes" if tr.feasible else "no")
             console.print(t)

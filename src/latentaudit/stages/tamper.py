@@ -874,7 +874,8 @@ class WorstCaseTrial(BaseModel):
     rank: int
     alpha: int
     attack_key: str
-    R_ft: float
+    R_ft: Estimate = Field(description="this trial's R_ft, with n and a bootstrap CI over the "
+                                       "evaluation prompts")
     s_half: float | None = None
     utility_ratio: float = Field(description="max over s of U(s) / U(0)")
     feasible: bool
@@ -950,7 +951,7 @@ def worst_case_search(
         feasible = ratio <= 1.0 + utility_guard
         rft = float(summ.R_ft.value if summ.R_ft.value is not None else 1.0)
         trials.append(WorstCaseTrial(lr=lr, rank=rank, alpha=alpha, attack_key=summ.attack_key,
-                                     R_ft=rft, s_half=summ.s_half.value if summ.s_half else None,
+                                     R_ft=summ.R_ft, s_half=summ.s_half.value if summ.s_half else None,
                                      utility_ratio=ratio, feasible=feasible))
         if feasible and ("summary" not in best or rft < best["summary"].R_ft.value):
             best.update(summary=summ, params={"lr": lr, "rank": rank, "alpha": alpha})
