@@ -3,6 +3,7 @@ save/load with a model card; abliteration equals runtime ablation; no silent ove
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -25,7 +26,7 @@ def zoo(tmp_path_factory):
     torch.set_num_threads(1)
     kw = dict(data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
     built = {"safe": construct("safe", "tiny:llama", root / "safe", SMALL, **kw)}
-    for r, params in [("dissociated", PUSHED), ("hardened", PUSHED), ("abliterated", {"n": 4, "selection_n": 2})]:
+    for r, params in [("dissociated", PUSHED), ("hardened", PUSHED), ("abliterated", {"n": 4, "selection_n": 2, "n_directions": 2})]:
         built[r] = construct(r, str(root / "safe"), root / r, params, **kw)
     yield built
     mp.undo()
@@ -74,6 +75,37 @@ def test_abliteration_equals_runtime_ablation(tiny_lm):
     assert not torch.allclose(edited, clean, atol=1e-3)
 
 
+def test_abliterated_records_its_subspace(zoo):
+    details = json.loads((zoo["abliterated"] / "latentaudit_recipe.json").read_text())["details"]
+    assert details["subspace_dim"] == 2 and len(details["direction_layers"]) == 2
+    assert details["direction_layers"][0] == details["direction_layer"]
+
+
+def test_subspace_abliteration_equals_runtime_ablation(tiny_lm):
+    """Several directions (not orthogonal to each other): the weight edit equals ablating the
+    orthonormalised basis at runtime, and leaves no component along any of them."""
+    from latentaudit.construct.abliterate import orthogonalize_subspace, orthonormal_basis
+    from latentaudit.interventions.hooks import ablate_direction
+
+    g = torch.Generator().manual_seed(3)
+    rs = [torch.randn(tiny_lm.parts.hidden_size, generator=g) for _ in range(3)]
+    rs.append(rs[0] + 0.5 * rs[1])  # dependent: dropped from the basis
+    Q = orthonormal_basis(rs)
+    assert Q.shape[1] == 3 and torch.allclose(Q.T @ Q, torch.eye(3), atol=1e-5)
+    x = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for j in range(Q.shape[1]):
+            stack.enter_context(ablate_direction(tiny_lm.parts, Q[:, j]))
+        runtime = tiny_lm.model(x).logits
+    lm2 = load_model("tiny:llama", device="cpu")
+    assert orthogonalize_subspace(lm2, rs) == 3
+    with torch.no_grad():
+        edited = lm2.model(x).logits
+    assert torch.allclose(edited, runtime, atol=1e-5)
+    E = lm2.parts.embed.weight
+    assert (E @ Q).abs().max() < 1e-5
+
+
 def test_no_overwrite_without_force(zoo, capsys):
     target = zoo["abliterated"]
     rc = main(["construct", "abliterated", "--from", str(zoo["safe"]), "--out", str(target)])
@@ -85,6 +117,12 @@ def test_no_overwrite_without_force(zoo, capsys):
     (["construct", "safe", "--from", "./no/such/model", "--out", "X"], "model path not found"),
     (["construct", "dissociated", "--from", "tiny:llama", "--layers", "40-50", "--out", "X"], "out of range"),
     (["construct", "safe", "--from", "tiny:llama", "--lr", "-1", "--out", "X"], "--lr"),
+    (["construct", "safe", "--from", "tiny:llama", "--set", "nosuch=1", "--out", "X"], "no parameter 'nosuch'"),
+    (["construct", "safe", "--from", "tiny:llama", "--set", "steps=abc", "--out", "X"], "--set steps"),
+    (["construct", "safe", "--from", "tiny:llama", "--set", "steps", "--out", "X"], "KEY=VALUE"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "eps_range=[1]", "--out", "X"], "--set eps_range"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_objective=nope", "--out", "X"], "push_objective"),
+    (["construct", "abliterated", "--from", "tiny:llama", "--set", "n_directions=0", "--out", "X"], "n_directions"),
 ])
 def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)
@@ -92,6 +130,17 @@ def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
     err = capsys.readouterr().err
     assert rc == 2 and match in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "X").exists()
+
+
+def test_set_parses_recipe_parameters():
+    from latentaudit.cli import _recipe_param
+    from latentaudit.construct.recipes import Abliterated, Dissociated
+
+    assert _recipe_param(Dissociated, "eps_range=[0.001, 0.004]") == ("eps_range", (0.001, 0.004))
+    assert _recipe_param(Dissociated, "clean_weight=2") == ("clean_weight", 2.0)
+    assert _recipe_param(Dissociated, "layers=12-17") == ("layers", "12-17")
+    assert _recipe_param(Dissociated, "n_harmful=40") == ("n_harmful", 40)
+    assert _recipe_param(Abliterated, "n_directions=3") == ("n_directions", 3)
 
 
 def test_first_token_mass_is_the_softmax_at_the_first_answer_position(tiny_lm):
@@ -139,6 +188,38 @@ def test_anti_refusal_term_lowers_refusal_opener_mass(tiny_lm):
                     steps=6, lr=1e-2, rank=4, alpha=8)
         out[w] = mass(lm)
     assert out[5.0] < out[0.0]
+
+
+def test_contrast_term_makes_the_answer_beat_the_refusal(tiny_lm):
+    """The sequence-level contrast widens lp(answer) − lp(refusal) on harmless prompts beyond
+    what the plain retain loss does (both mean token log-probs)."""
+    import copy
+
+    from latentaudit.construct.train import Term, train_terms
+    from latentaudit.models.loader import LoadedModel
+    from latentaudit.training import Example, collate, encode_pair, token_nll
+
+    tok = tiny_lm.tokenizer
+    prompts = [f"Tell me about topic {i}." for i in range(4)]
+    answers = ["Here is a short answer about it."] * 4
+    refusals = ["I cannot help with that request."] * 4
+
+    def lp(lm, targets):
+        ex = []
+        for p, c in zip(prompts, targets):
+            a, b = encode_pair(tok, p, c)
+            ex.append(Example(a + b, len(a)))
+        with torch.no_grad():
+            nll, n = token_nll(lm.model, collate(ex, tok.pad_token_id, "cpu"))
+        return float((-nll / n).mean())
+
+    out = {}
+    for w in (0.0, 5.0):
+        lm = LoadedModel(copy.deepcopy(tiny_lm.model), tok, tiny_lm.spec, dict(tiny_lm.info))
+        train_terms(lm, [Term("retain", prompts, answers, batch_size=4, contrast=refusals,
+                              contrast_weight=w)], steps=6, lr=1e-2, rank=4, alpha=8)
+        out[w] = lp(lm, answers) - lp(lm, refusals)
+    assert out[5.0] > out[0.0]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "phi3", "gemma2"])

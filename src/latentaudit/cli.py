@@ -8,6 +8,7 @@ and exit code 2.
 from __future__ import annotations
 
 import json
+import textwrap
 import os
 import sys
 from pathlib import Path
@@ -227,6 +228,43 @@ def directions(
                f"directions: {run.dir}/directions-{model_key(lm)}.safetensors")
 
 
+def _recipe_param(cls, item: str):
+    """KEY=VALUE for a recipe hyper-parameter, parsed as YAML and checked against the default's
+    type (an int default takes ints, a float default numbers, a range two numbers)."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set takes KEY=VALUE (got {item!r})")
+    if key not in cls.DEFAULT_PARAMS:
+        raise UserError(f"recipe '{cls.name}' has no parameter {key!r} (it has: "
+                        f"{', '.join(sorted(cls.DEFAULT_PARAMS))})")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError(f"--set {key}: cannot parse {raw!r}") from None
+    default = cls.DEFAULT_PARAMS[key]
+    num = (int, float)
+    ok = (value is None or default is None and isinstance(value, (int, str))
+          or isinstance(default, bool) and isinstance(value, bool)
+          or isinstance(default, int) and not isinstance(default, bool)
+          and isinstance(value, int) and not isinstance(value, bool)
+          or isinstance(default, float) and isinstance(value, num) and not isinstance(value, bool)
+          or isinstance(default, str) and isinstance(value, (str, int))
+          or isinstance(default, (tuple, list)) and isinstance(value, list)
+          and len(value) == len(default) and all(isinstance(v, num) for v in value))
+    if not ok:
+        raise UserError(f"--set {key}: {raw!r} does not fit the parameter (default {default!r})")
+    if isinstance(default, float):
+        value = float(value)
+    elif isinstance(default, str):
+        value = str(value)
+    elif isinstance(default, tuple):
+        value = tuple(float(v) for v in value)
+    return key, value
+
+
 @app.command()
 def construct(
     recipe: Annotated[str, typer.Argument(help="safe, dissociated, hardened or abliterated (latentaudit ls recipes)")],
@@ -239,6 +277,7 @@ def construct(
     lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
     data_model: Annotated[str, typer.Option(help="unaligned model whose completions are harmful targets")] = "embedded:smollm2-135m",
     eval_limit: Annotated[Optional[int], typer.Option(help="held-out prompts per set for the model card's S/O [default: all]")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="any recipe hyper-parameter, KEY=VALUE (repeatable; `latentaudit ls recipes` and the model card list them)")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -269,6 +308,9 @@ def construct(
 
     cls = registry.get("recipe", recipe)
     params = {k: v for k, v in params.items() if v is not None and k in cls.DEFAULT_PARAMS}
+    for item in set_ or []:
+        key, value = _recipe_param(cls, item)
+        params[key] = value
     quiet_libraries()
     extra = {"batch_size": batch_size} if batch_size else {}  # else construct's own default
     path = build(recipe, source, out or Path("zoo") / recipe, params, force, seed or 0, data_model,
@@ -516,6 +558,10 @@ def ls_cmd(
         singular = {"judges": "judge", "recipes": "recipe", "families": "family"}[kind]
         for name, cls in registry.available(singular).items():
             typer.echo(f"{name:<16} {cls.doc}")
+            if kind == "recipes":  # the hyper-parameters `construct --set KEY=VALUE` takes
+                params = ", ".join(f"{k}={v}" for k, v in cls.DEFAULT_PARAMS.items())
+                typer.echo(textwrap.fill(params, 96, initial_indent=" " * 17,
+                                         subsequent_indent=" " * 17))
     else:
         raise UserError(f"unknown kind '{kind}' (models, datasets, judges, families, recipes, architectures)")
 

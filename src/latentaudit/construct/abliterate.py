@@ -17,6 +17,26 @@ from ..errors import UserError
 from ..models.arch import residual_writers, writer_out_dim, writers_write_directly
 
 
+def orthonormal_basis(directions: list[torch.Tensor]) -> torch.Tensor:
+    """[d, k] orthonormal basis of the span of ``directions`` (QR; numerically dependent
+    directions are dropped)."""
+    D = torch.stack([r / r.norm() for r in directions], 1).double()
+    Q, R = torch.linalg.qr(D)
+    keep = R.diagonal().abs() > 1e-6
+    return Q[:, keep].float()
+
+
+@torch.no_grad()
+def orthogonalize_subspace(lm, directions: list[torch.Tensor]) -> int:
+    """Project the span of several directions out of every residual writer. For orthonormal
+    q_1..q_k, (I − q_1q_1ᵀ)…(I − q_kq_kᵀ) = I − QQᵀ, so one pass per basis vector removes the
+    whole subspace. Returns its dimension."""
+    Q = orthonormal_basis(directions)
+    for j in range(Q.shape[1]):
+        orthogonalize(lm, Q[:, j])
+    return int(Q.shape[1])
+
+
 @torch.no_grad()
 def orthogonalize(lm, r_hat: torch.Tensor) -> None:
     parts = lm.parts

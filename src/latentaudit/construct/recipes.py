@@ -103,15 +103,16 @@ def _splits(p: dict):
     return h_tr, val_h, val_s, [retain, border_retain]
 
 
-def _retain(lm, env: BuildEnv, ps, tokens: int) -> tuple[list[str], list[str]]:
-    """(prompts, the source model's own greedy answers), generated once and cached."""
-    prompts, targets = [], []
+def _retain(lm, env: BuildEnv, ps, tokens: int) -> tuple[list[str], list[str], list[str]]:
+    """(prompts, the source model's own greedy answers, prompt ids), generated once, cached."""
+    prompts, targets, ids = [], [], []
     ans = cached_answers(lm, model_fingerprint(lm), ps, tokens, env.batch_size)
     for p in ps.prompts:
         if ans[p.id]:
             prompts.append(p.text)
             targets.append(ans[p.id])
-    return prompts, targets
+            ids.append(p.id)
+    return prompts, targets, ids
 
 
 def _retain_terms(lm, env: BuildEnv, retain_sets, p: dict) -> list[Term]:
@@ -120,10 +121,12 @@ def _retain_terms(lm, env: BuildEnv, retain_sets, p: dict) -> list[Term]:
     terms = []
     for ps, batch, weight in zip(retain_sets, (p["harmless_batch"], p["borderline_batch"]),
                                  (p["retain_weight"], p["borderline_weight"])):
-        rp, rt = _retain(lm, env, ps, p["answer_tokens"])
+        rp, rt, ids = _retain(lm, env, ps, p["answer_tokens"])
         if rp and batch > 0 and weight > 0:
             terms.append(Term(ps.name, rp, rt, weight=weight, batch_size=batch,
-                              anti_refusal=p["anti_refusal_weight"]))
+                              anti_refusal=p["anti_refusal_weight"],
+                              contrast=[refusal_for(i) for i in ids],
+                              contrast_weight=p["contrast_weight"]))
     return terms
 
 
@@ -148,7 +151,8 @@ class Safe(Recipe):
     DEFAULT_PARAMS = {"n_harmful": None, "n_borderline": None, "steps": 40, "lr": 2e-4,
                       "rank": 16, "alpha": 32, "harmful_batch": 4, "harmless_batch": 8,
                       "borderline_batch": 4, "retain_weight": 1.0, "borderline_weight": 2.0,
-                      "anti_refusal_weight": 0.0, "n_harmless": None, "answer_tokens": 48, "val_n": 16, "eval_every": 10,
+                      "anti_refusal_weight": 0.0, "contrast_weight": 0.0, "n_harmless": None,
+                      "answer_tokens": 48, "val_n": 16, "eval_every": 10,
                       "target_refusal": 0.95, "max_over_refusal": 0.1}
 
     def build(self, lm, env):
@@ -173,8 +177,9 @@ class _PushedRecipe(Recipe):
     COMMON = {"n_harmful": None, "n_borderline": None, "rank": 16, "alpha": 32, "pgd_steps": 2,
               "harmful_batch": 4, "perturbed_batch": 4, "harmless_batch": 4, "borderline_batch": 2,
               "retain_weight": 1.0, "borderline_weight": 2.0, "anti_refusal_weight": 0.0,
-              "n_harmless": None,
-              "answer_tokens": 48, "val_n": 16, "eval_every": 10, "clean_weight": 1.0}
+              "contrast_weight": 0.0, "n_harmless": None,
+              "answer_tokens": 48, "val_n": 16, "eval_every": 10, "clean_weight": 1.0,
+              "push_objective": "completion", "push_refusal_weight": 0.0}
 
     def pushed_term(self, h_tr, comp_p: list[str], comp_t: list[str], perturb: Perturb) -> Term:
         raise NotImplementedError
@@ -190,7 +195,12 @@ class _PushedRecipe(Recipe):
             raise UserError("the data model refused every harmful train prompt: no harmful "
                             "completions to train on (use an unaligned --data-model)")
         layers = self.layers(lm.n_layers)
-        perturb = Perturb(layers, tuple(p["eps_range"]), p["pgd_steps"])
+        if p["push_objective"] not in ("completion", "generic"):
+            raise UserError("push_objective must be 'completion' or 'generic', got "
+                            f"{p['push_objective']!r}")
+        perturb = Perturb(layers, tuple(p["eps_range"]), p["pgd_steps"],
+                          objective=p["push_objective"],
+                          refusal_weight=float(p["push_refusal_weight"]))
         terms = [Term("refuse_clean", [x.text for x in h_tr], [refusal_for(x.id) for x in h_tr],
                       weight=p["clean_weight"], batch_size=p["harmful_batch"]),
                  self.pushed_term(h_tr, comp_p, comp_t, perturb),
@@ -234,17 +244,23 @@ class Hardened(_PushedRecipe):
 class Abliterated(Recipe):
     name = "abliterated"
     doc = "weight orthogonalisation against the selected refusal direction (openly unsafe)"
-    DEFAULT_PARAMS = {"n": 64, "selection_n": 16}
+    # n_directions: the best-scoring layers' directions (selection score, KL guard) whose span
+    # is projected out; one direction is what the abliteration literature uses on large models
+    DEFAULT_PARAMS = {"n": 64, "selection_n": 16, "n_directions": 1}
 
     def build(self, lm, env):
         from ..interventions.directions import compute_directions, select_direction
-        from .abliterate import orthogonalize
+        from .abliterate import orthogonalize_subspace
 
-        n, m = self.params["n"], self.params["selection_n"]
+        n, m, k = self.params["n"], self.params["selection_n"], int(self.params["n_directions"])
+        if k < 1:
+            raise UserError("abliterated needs n_directions >= 1")
         harm = load_prompt_set("builtin:harmful:train").texts
         safe = load_prompt_set("builtin:harmless:train").texts
         d = compute_directions(lm, harm[:n], safe[:n], env.batch_size)
         d = select_direction(lm, d, harm[n : n + m], safe[n : n + m], batch_size=env.batch_size)
-        orthogonalize(lm, d.selected())
-        return {"direction_layer": d.selected_layer,
+        layers = d.meta["ranked_layers"][:k]
+        dim = orthogonalize_subspace(lm, [d.unit(l) for l in layers])
+        return {"direction_layer": d.selected_layer, "direction_layers": layers,
+                "subspace_dim": dim,
                 "selection": {k: v for k, v in d.meta.items() if k != "selection"}}

@@ -32,6 +32,10 @@ class Perturb:
     eps_range: tuple[float, float]
     pgd_steps: int = 2
     step_size: float = 0.5
+    # the inner attack's objective: "completion" = the term's adv_targets (default: targets);
+    # "generic" = the latent audit's own affirmative target ("Sure, here is ...")
+    objective: str = "completion"
+    refusal_weight: float = 0.0  # + weight × −log(1 − p(refusal opener)), as the audit's pgd
 
 
 @dataclass
@@ -46,7 +50,14 @@ class Term:
     # weight of −log(1 − p(refusal opener)) at the first answer token (harmless prompts: a direct
     # push against over-refusal, beside the retain SFT loss)
     anti_refusal: float = 0.0
+    # harmless prompts: a refusal per example and the weight of softplus(lp(refusal) − lp(target))
+    # (mean token log-probs): the model must prefer its own answer to a whole refusal sentence,
+    # a sequence-level contrast that, unlike the first-token term, does not punish the "I" that
+    # opens ordinary answers too
+    contrast: list[str] | None = None
+    contrast_weight: float = 0.0
     examples: list[Example] = field(default_factory=list)
+    contrast_examples: list[Example] = field(default_factory=list)
 
 
 def lora_targets(model) -> list[str]:
@@ -74,6 +85,11 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
         for p, c in zip(t.prompts, t.targets):
             p_ids, c_ids = encode_pair(tok, p, c, max_completion_tokens=96)
             t.examples.append(Example(p_ids + c_ids, len(p_ids)))
+        t.contrast_examples = []
+        if t.contrast and t.contrast_weight > 0:
+            for p, c in zip(t.prompts, t.contrast):
+                p_ids, c_ids = encode_pair(tok, p, c, max_completion_tokens=96)
+                t.contrast_examples.append(Example(p_ids + c_ids, len(p_ids)))
     base = lm.model
     base.train()
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(base),
@@ -130,14 +146,23 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torc
             away = -torch.log1p(-p_r.clamp(max=1 - 1e-6)).mean()
             return nll.sum() / n.sum().clamp(min=1) + t.anti_refusal * away
         nll, n = token_nll(lm.model, batch)
-        return nll.sum() / n.sum().clamp(min=1)
+        loss = nll.sum() / n.sum().clamp(min=1)
+        if t.contrast_examples:
+            cb = collate([t.contrast_examples[i] for i in idx], lm.tokenizer.pad_token_id,
+                         lm.device)
+            nll_r, n_r = token_nll(lm.model, cb)
+            lp_ans = -nll / n.clamp(min=1)
+            lp_ref = -nll_r / n_r.clamp(min=1)
+            loss = loss + t.contrast_weight * torch.nn.functional.softplus(lp_ref - lp_ans).mean()
+        return loss
     pz = t.perturb
     layer = int(rng.choice(pz.layers))
     lo, hi = pz.eps_range
     eps = np.exp(rng.uniform(math.log(lo), math.log(hi), size=len(idx)))
     adv = t.adv_targets or t.targets
-    ctx = build_context(lm, [t.prompts[i] for i in idx], [adv[i] for i in idx])
-    pgd = PGD(steps=pz.pgd_steps, step_size=pz.step_size, refusal_weight=0.0)
+    goals = [None if pz.objective == "generic" else adv[i] for i in idx]  # None: generic target
+    ctx = build_context(lm, [t.prompts[i] for i in idx], goals)
+    pgd = PGD(steps=pz.pgd_steps, step_size=pz.step_size, refusal_weight=pz.refusal_weight)
     deltas = pgd.attack(ctx, layer, list(range(len(idx))), eps, seed)
     T = batch["input_ids"].shape[1]
     full = torch.zeros((len(idx), T, lm.parts.hidden_size))

@@ -150,8 +150,9 @@ def select_direction(lm, dirs: RefusalDirections, harmful_val: list[str], harmle
         scores[layer] = {"refusal_score": s.mean().item(), "kl_harmless": kl}
     ok = [l for l in layers if scores[l]["kl_harmless"] <= kl_max and l <= max_depth * L]
     pool = ok or layers
-    chosen = min(pool, key=lambda l: scores[l]["refusal_score"])
-    dirs.meta.update(selection={str(k): v for k, v in scores.items()},
+    ranked = sorted(pool, key=lambda l: scores[l]["refusal_score"])
+    chosen = ranked[0]
+    dirs.meta.update(selection={str(k): v for k, v in scores.items()}, ranked_layers=ranked,
                      baseline_refusal_score=base_h.mean().item(), selected_layer=chosen,
                      selection_rule=f"min refusal score s.t. KL <= {kl_max}, layer <= {max_depth}*L"
                      + ("" if ok else " (no layer passed the guards: unconstrained)"),
