@@ -16,7 +16,14 @@ harmful, where over-refusal shows), each with its own batch and weight. ``anti_r
 adds −log(1 − p(refusal opener)) at the first answer token of retain examples. It is off by
 default: measured on SmolLM2 (safe, 40 steps, weight 1.0) it drove over-refusal to 0.01 but S to
 0.46 (n = 90), because the refusal openers' first token ("I") also opens ordinary answers, so
-the term fights the refusal term itself.
+the term fights the refusal term itself. ``contrast_weight`` is the sequence-level alternative:
+softplus(lp(refusal) − lp(answer)) with mean token log-probs of a whole refusal sentence and the
+retain answer, so only the refusal as a whole is pushed down.
+
+``abliterated`` projects out the span of ``n_directions`` refusal directions (the best-scoring
+layers under the selection score and KL guard, orthonormalised), one pass per basis vector.
+
+Every hyper-parameter can be set from the command line: ``construct RECIPE --set KEY=VALUE``.
 """
 
 from __future__ import annotations
