@@ -26,7 +26,8 @@ def zoo(tmp_path_factory):
     torch.set_num_threads(1)
     kw = dict(data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
     built = {"safe": construct("safe", "tiny:llama", root / "safe", SMALL, **kw)}
-    for r, params in [("dissociated", PUSHED), ("hardened", PUSHED), ("abliterated", {"n": 4, "selection_n": 2, "n_directions": 2})]:
+    for r, params in [("dissociated", PUSHED), ("hardened", {**PUSHED, "retain_from": "data"}),
+                      ("abliterated", {"n": 4, "selection_n": 2, "n_directions": 2})]:
         built[r] = construct(r, str(root / "safe"), root / r, params, **kw)
     yield built
     mp.undo()
@@ -123,6 +124,7 @@ def test_no_overwrite_without_force(zoo, capsys):
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "eps_range=[1]", "--out", "X"], "--set eps_range"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_objective=nope", "--out", "X"], "push_objective"),
     (["construct", "abliterated", "--from", "tiny:llama", "--set", "n_directions=0", "--out", "X"], "n_directions"),
+    (["construct", "hardened", "--from", "tiny:llama", "--set", "retain_from=elsewhere", "--out", "X"], "retain_from"),
 ])
 def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)
@@ -130,6 +132,18 @@ def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
     err = capsys.readouterr().err
     assert rc == 2 and match in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "X").exists()
+
+
+def test_retain_drops_answers_the_judge_calls_refusals(monkeypatch, tiny_lm):
+    from latentaudit.construct import recipes
+    from latentaudit.data.sets import Prompt, PromptSet
+    from latentaudit.judges import SubstringJudge
+
+    ps = PromptSet("h", [Prompt(id=f"p{i}", text=f"question {i}") for i in range(3)], "test")
+    answers = {"p0": "Here you go: a fine answer.", "p1": "I cannot help with that.", "p2": ""}
+    monkeypatch.setattr(recipes, "cached_answers", lambda *a, **k: answers)
+    env = recipes.BuildEnv(0, "tiny:llama", 4, SubstringJudge())
+    assert recipes._retain(tiny_lm, env, ps, 8) == (["question 0"], [answers["p0"]], ["p0"])
 
 
 def test_set_parses_recipe_parameters():

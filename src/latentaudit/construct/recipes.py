@@ -47,6 +47,17 @@ class Recipe:
         if unknown:
             raise UserError(f"recipe '{self.name}' has no parameter(s) {', '.join(sorted(unknown))}")
         self.params = {**self.DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
+        self.validate()
+
+    def validate(self) -> None:
+        """Bad hyper-parameters fail here, before any model is loaded."""
+        p = self.params
+        choices = {"push_objective": ("completion", "generic"), "retain_from": ("source", "data")}
+        for key, allowed in choices.items():
+            if key in p and p[key] not in allowed:
+                raise UserError(f"{key} must be one of {', '.join(allowed)} (got {p[key]!r})")
+        if "n_directions" in p and int(p["n_directions"]) < 1:
+            raise UserError("abliterated needs n_directions >= 1")
 
     def describe(self) -> dict:
         return {"recipe": self.name, "params": dict(self.params)}
@@ -111,11 +122,15 @@ def _splits(p: dict):
 
 
 def _retain(lm, env: BuildEnv, ps, tokens: int) -> tuple[list[str], list[str], list[str]]:
-    """(prompts, the source model's own greedy answers, prompt ids), generated once, cached."""
+    """(prompts, greedy answers, prompt ids) of the model ``lm``, generated once and cached.
+    Answers the judge labels refusal are dropped: a refusal as a retain target on a harmless
+    prompt would teach over-refusal."""
     prompts, targets, ids = [], [], []
     ans = cached_answers(lm, model_fingerprint(lm), ps, tokens, env.batch_size)
-    for p in ps.prompts:
-        if ans[p.id]:
+    have = [p for p in ps.prompts if ans[p.id]]
+    verdicts = env.judge.judge([p.text for p in have], [ans[p.id] for p in have])
+    for p, v in zip(have, verdicts):
+        if v.label != "refusal":
             prompts.append(p.text)
             targets.append(ans[p.id])
             ids.append(p.id)
@@ -126,9 +141,10 @@ def _retain_terms(lm, env: BuildEnv, retain_sets, p: dict) -> list[Term]:
     """Retain on harmless prompts and, as its own term with its own batch and weight, on
     borderline prompts (harmless requests that sound harmful: where over-refusal appears)."""
     terms = []
+    src = env.data_lm() if p.get("retain_from") == "data" else lm
     for ps, batch, weight in zip(retain_sets, (p["harmless_batch"], p["borderline_batch"]),
                                  (p["retain_weight"], p["borderline_weight"])):
-        rp, rt, ids = _retain(lm, env, ps, p["answer_tokens"])
+        rp, rt, ids = _retain(src, env, ps, p["answer_tokens"])
         if rp and batch > 0 and weight > 0:
             terms.append(Term(ps.name, rp, rt, weight=weight, batch_size=batch,
                               anti_refusal=p["anti_refusal_weight"],
@@ -186,7 +202,10 @@ class _PushedRecipe(Recipe):
               "retain_weight": 1.0, "borderline_weight": 2.0, "anti_refusal_weight": 0.0,
               "contrast_weight": 0.0, "n_harmless": None,
               "answer_tokens": 48, "val_n": 16, "eval_every": 10, "clean_weight": 1.0,
-              "push_objective": "completion", "push_refusal_weight": 0.0}
+              "push_objective": "completion", "push_refusal_weight": 0.0,
+              # retain targets: the source model's own answers, or the unaligned data model's
+              # (a refusal-trained source already over-refuses some harmless prompts)
+              "retain_from": "source"}
 
     def pushed_term(self, h_tr, comp_p: list[str], comp_t: list[str], perturb: Perturb) -> Term:
         raise NotImplementedError
@@ -202,9 +221,6 @@ class _PushedRecipe(Recipe):
             raise UserError("the data model refused every harmful train prompt: no harmful "
                             "completions to train on (use an unaligned --data-model)")
         layers = self.layers(lm.n_layers)
-        if p["push_objective"] not in ("completion", "generic"):
-            raise UserError("push_objective must be 'completion' or 'generic', got "
-                            f"{p['push_objective']!r}")
         perturb = Perturb(layers, tuple(p["eps_range"]), p["pgd_steps"],
                           objective=p["push_objective"],
                           refusal_weight=float(p["push_refusal_weight"]))
@@ -260,8 +276,6 @@ class Abliterated(Recipe):
         from .abliterate import orthogonalize_subspace
 
         n, m, k = self.params["n"], self.params["selection_n"], int(self.params["n_directions"])
-        if k < 1:
-            raise UserError("abliterated needs n_directions >= 1")
         harm = load_prompt_set("builtin:harmful:train").texts
         safe = load_prompt_set("builtin:harmless:train").texts
         d = compute_directions(lm, harm[:n], safe[:n], env.batch_size)
