@@ -15,7 +15,7 @@ from latentaudit.models.loader import load_model
 
 SMALL = {"steps": 2, "n_harmless": 3, "n_borderline": 2, "n_harmful": 4, "answer_tokens": 4,
          "val_n": 4, "eval_every": 2}
-PUSHED = {**SMALL, "layers": "1-2", "pgd_steps": 1}
+PUSHED = {**SMALL, "layers": "1-2", "pgd_steps": 1, "push_tokens": 3}
 
 
 @pytest.fixture(scope="module")

@@ -205,7 +205,11 @@ class _PushedRecipe(Recipe):
               "push_objective": "completion", "push_refusal_weight": 0.0,
               # retain targets: the source model's own answers, or the unaligned data model's
               # (a refusal-trained source already over-refuses some harmless prompts)
-              "retain_from": "source"}
+              "retain_from": "source",
+              # the pushed term's completion cut to its first N tokens (None: whole): whether
+              # the answer refuses or complies is decided in its opening tokens, and a loss
+              # averaged over 48 tokens is dominated by the continuation's own entropy
+              "push_tokens": None}
 
     def pushed_term(self, h_tr, comp_p: list[str], comp_t: list[str], perturb: Perturb) -> Term:
         raise NotImplementedError
@@ -220,6 +224,10 @@ class _PushedRecipe(Recipe):
         if not comp_p:
             raise UserError("the data model refused every harmful train prompt: no harmful "
                             "completions to train on (use an unaligned --data-model)")
+        if p["push_tokens"]:
+            tok = lm.tokenizer
+            comp_t = [tok.decode(tok.encode(c, add_special_tokens=False)[: int(p["push_tokens"])])
+                      for c in comp_t]
         layers = self.layers(lm.n_layers)
         perturb = Perturb(layers, tuple(p["eps_range"]), p["pgd_steps"],
                           objective=p["push_objective"],
