@@ -77,7 +77,7 @@ def test_judge_verb_preserves_order(capsys, tmp_path):
 def test_ls(capsys):
     for kind, needle in [("models", "embedded:smollm2-135m"), ("datasets", "advbench"),
                          ("judges", "substring"), ("families", "pgd"),
-                         ("recipes", "dissociated"), ("recipes", "n_directions=1"),
+                         ("recipes", "dissociated"), ("recipes", "n_directions=4"),
                          ("architectures", "gpt_neox")]:
         rc, out, _ = run_cli(capsys, "ls", kind)
         assert rc == 0 and needle in out

@@ -276,8 +276,11 @@ class Abliterated(Recipe):
     name = "abliterated"
     doc = "weight orthogonalisation against the selected refusal direction (openly unsafe)"
     # n_directions: the best-scoring layers' directions (selection score, KL guard) whose span
-    # is projected out; one direction is what the abliteration literature uses on large models
-    DEFAULT_PARAMS = {"n": 64, "selection_n": 16, "n_directions": 1}
+    # is projected out. One direction is what the abliteration literature uses on large models;
+    # on the LoRA-refused SmolLM2 `safe` (S 0.92) one left S = 0.50, two 0.53, three 0.38, four
+    # 0.33 (60 held-out harmful prompts, 32 tokens), over-refusal 0.23 → 0.25 (60 harmless and
+    # borderline): its refusal is spread over several layers' directions
+    DEFAULT_PARAMS = {"n": 64, "selection_n": 16, "n_directions": 4}
 
     def build(self, lm, env):
         from ..interventions.directions import compute_directions, select_direction
