@@ -26,7 +26,7 @@ def zoo(tmp_path_factory):
     torch.set_num_threads(1)
     kw = dict(data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
     built = {"safe": construct("safe", "tiny:llama", root / "safe", SMALL, **kw)}
-    for r, params in [("dissociated", PUSHED), ("hardened", {**PUSHED, "retain_from": "data"}),
+    for r, params in [("dissociated", {**PUSHED, "paired": True}), ("hardened", {**PUSHED, "retain_from": "data"}),
                       ("abliterated", {"n": 4, "selection_n": 2, "n_directions": 2})]:
         built[r] = construct(r, str(root / "safe"), root / r, params, **kw)
     yield built
@@ -144,6 +144,31 @@ def test_retain_drops_answers_the_judge_calls_refusals(monkeypatch, tiny_lm):
     monkeypatch.setattr(recipes, "cached_answers", lambda *a, **k: answers)
     env = recipes.BuildEnv(0, "tiny:llama", 4, SubstringJudge())
     assert recipes._retain(tiny_lm, env, ps, 8) == (["question 0"], [answers["p0"]], ["p0"])
+
+
+def test_paired_terms_draw_the_same_prompts_every_step(monkeypatch, tiny_lm):
+    import copy
+
+    from latentaudit.construct import train
+    from latentaudit.models.loader import LoadedModel
+
+    seen: dict[str, list] = {"a": [], "b": [], "c": []}
+
+    def fake_loss(lm, t, idx, rng, seed):
+        seen[t.name].append(list(idx))
+        return sum(p.sum() for p in lm.model.parameters() if p.requires_grad) * 0.0
+
+    monkeypatch.setattr(train, "_term_loss", fake_loss)
+    prompts = [f"prompt {i}" for i in range(7)]
+    lm = LoadedModel(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, tiny_lm.spec, dict(tiny_lm.info))
+    terms = [train.Term("a", prompts, ["x"] * 7, batch_size=3),
+             train.Term("b", prompts, ["y"] * 7, batch_size=3, pair_with="a"),
+             train.Term("c", prompts, ["z"] * 7, batch_size=3)]
+    train.train_terms(lm, terms, steps=4, lr=1e-3, rank=2, alpha=4)
+    assert seen["a"] == seen["b"] and seen["a"] != seen["c"] and len(seen["a"]) == 4
+    bad = [train.Term("a", prompts, ["x"] * 7), train.Term("b", prompts[::-1], ["y"] * 7, pair_with="a")]
+    with pytest.raises(ValueError, match="same prompts"):
+        train.train_terms(lm, bad, steps=1, lr=1e-3, rank=2, alpha=4)
 
 
 def test_set_parses_recipe_parameters():

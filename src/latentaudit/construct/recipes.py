@@ -209,7 +209,9 @@ class _PushedRecipe(Recipe):
               # the pushed term's completion cut to its first N tokens (None: whole): whether
               # the answer refuses or complies is decided in its opening tokens, and a loss
               # averaged over 48 tokens is dominated by the continuation's own entropy
-              "push_tokens": None}
+              "push_tokens": None,
+              # clean refusal and the pushed term on the same prompts in the same step
+              "paired": False}
 
     def pushed_term(self, h_tr, comp_p: list[str], comp_t: list[str], perturb: Perturb) -> Term:
         raise NotImplementedError
@@ -232,9 +234,16 @@ class _PushedRecipe(Recipe):
         perturb = Perturb(layers, tuple(p["eps_range"]), p["pgd_steps"],
                           objective=p["push_objective"],
                           refusal_weight=float(p["push_refusal_weight"]))
-        terms = [Term("refuse_clean", [x.text for x in h_tr], [refusal_for(x.id) for x in h_tr],
-                      weight=p["clean_weight"], batch_size=p["harmful_batch"]),
-                 self.pushed_term(h_tr, comp_p, comp_t, perturb),
+        pushed = self.pushed_term(h_tr, comp_p, comp_t, perturb)
+        if p["paired"]:  # clean refusal on exactly the pushed term's prompts, same batches
+            by_text = {x.text: x for x in h_tr}
+            clean = Term("refuse_clean", list(comp_p), [refusal_for(by_text[t].id) for t in comp_p],
+                         weight=p["clean_weight"], batch_size=pushed.batch_size)
+            pushed.pair_with = clean.name
+        else:
+            clean = Term("refuse_clean", [x.text for x in h_tr], [refusal_for(x.id) for x in h_tr],
+                         weight=p["clean_weight"], batch_size=p["harmful_batch"])
+        terms = [clean, pushed,
                  *_retain_terms(lm, env, retain, p)]
         res = train_terms(lm, terms, p["steps"], p["lr"], p["rank"], p["alpha"], env.seed,
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),

@@ -56,6 +56,10 @@ class Term:
     # opens ordinary answers too
     contrast: list[str] | None = None
     contrast_weight: float = 0.0
+    # name of an earlier term with the same prompts in the same order: this term then takes
+    # that term's batch indices every step, so the same prompts are seen both ways at once
+    # (dissociation: the same prompt refused clean and complied with under a push)
+    pair_with: str | None = None
     examples: list[Example] = field(default_factory=list)
     contrast_examples: list[Example] = field(default_factory=list)
 
@@ -78,6 +82,12 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
     """Train LoRA adapters on ``lm.model`` in place, merge them, and return the history."""
     from peft import LoraConfig, get_peft_model
 
+    names = [t.name for t in terms]
+    for i, t in enumerate(terms):
+        if t.pair_with is not None and (t.pair_with not in names[:i] or
+                                        terms[names.index(t.pair_with)].prompts != t.prompts):
+            raise ValueError(f"term {t.name!r} pairs with {t.pair_with!r}: it must come earlier "
+                             "and hold the same prompts in the same order")
     tok = lm.tokenizer
     torch.manual_seed(seed)
     for t in terms:
@@ -107,8 +117,10 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
     for step in range(1, steps + 1):
         opt.zero_grad()
         losses = {}
+        drawn: dict[str, list[int]] = {}
         for t, stream in zip(terms, streams):
-            idx = next(stream)
+            idx = drawn[t.pair_with] if t.pair_with is not None else next(stream)
+            drawn[t.name] = idx
             loss = _term_loss(train_lm, t, idx, rng, seed + step)
             (t.weight * loss).backward()
             losses[t.name] = round(float(loss.detach()), 4)
