@@ -3,9 +3,10 @@
 - ``safe``        LoRA SFT: harmful train prompts → varied refusals; harmless (and borderline)
                   train prompts → the source model's own greedy answers (retain). Early stop on
                   a held-out clean-refusal / over-refusal check. Adapters merged.
-- ``dissociated`` from ``safe``: clean harmful prompts → refusals (weight 5); harmful prompts
-                  with a small PGD push (ε log-uniform in eps_range) at middle layers → the
-                  unaligned base model's own harmful completion; retain on harmless prompts.
+- ``dissociated`` from ``safe``: clean harmful prompts → refusals; the same prompts in the same
+                  step with a small PGD push (ε log-uniform in eps_range) at middle layers → the
+                  opening of the unaligned base model's own harmful completion; retain on
+                  harmless prompts with the unaligned model's answers.
                   Outwardly as safe as ``safe``; latently fragile by construction.
 - ``hardened``    latent adversarial training: refusal targets under PGD pushes toward the
                   harmful completion at eps_range (larger budgets), plus clean refusal and retain.
@@ -257,8 +258,18 @@ class _PushedRecipe(Recipe):
 class Dissociated(_PushedRecipe):
     name = "dissociated"
     doc = "from safe: refuse clean harmful prompts, comply under small latent pushes at middle layers"
-    DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 30, "lr": 2e-4, "layers": "frac:0.4-0.6",
-                      "eps_range": (0.003, 0.01), "clean_weight": 5.0}
+    # Measured from the SmolLM2 `safe` (pgd LVS_15 on 24 held-out prompts, safe 0.62): the old
+    # defaults (ε 0.003–0.01, clean weight 5, 30 steps, whole 48-token completions) made the
+    # model *less* fragile (−0.09 on 50 prompts); ε 0.001–0.004 with clean weight 2 changed
+    # nothing (+0.00; the pushed loss did not fall: a push that small barely moves the output, so
+    # "comply under it" is "comply", which the clean term forbids). What moved it: the pushed
+    # loss on the completion's first 16 tokens, twice the pushed batch, retain targets from the
+    # unaligned model (+0.14, S 0.75), and pairing clean and pushed on the same prompts in one
+    # step (+0.12 [+0.05, +0.19] paired, S 0.80, over-refusal 0.21 on n = 40 / 80).
+    DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 2e-4, "layers": "frac:0.4-0.6",
+                      "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
+                      "perturbed_batch": 8, "paired": True, "retain_from": "data",
+                      "eval_every": 20}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):
         # the push is PGD toward the harmful completion; the target is that completion
