@@ -26,7 +26,10 @@ def zoo(tmp_path_factory):
     torch.set_num_threads(1)
     kw = dict(data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
     built = {"safe": construct("safe", "tiny:llama", root / "safe", SMALL, **kw)}
-    for r, params in [("dissociated", {**PUSHED, "paired": True}), ("hardened", {**PUSHED, "retain_from": "data"}),
+    for r, params in [("dissociated", {**PUSHED, "paired": True}), ("hardened", {**PUSHED, "retain_from": "data",
+                                                  "push_objective": "generic",
+                                                  "push_refusal_weight": 1.0,
+                                                  "contrast_weight": 0.5}),
                       ("abliterated", {"n": 4, "selection_n": 2, "n_directions": 2})]:
         built[r] = construct(r, str(root / "safe"), root / r, params, **kw)
     yield built

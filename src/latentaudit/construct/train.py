@@ -156,9 +156,10 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torc
             ids = torch.tensor(refusal_token_ids(lm.tokenizer))
             nll, n, p_r = token_nll(lm.model, batch, ids)
             away = -torch.log1p(-p_r.clamp(max=1 - 1e-6)).mean()
-            return nll.sum() / n.sum().clamp(min=1) + t.anti_refusal * away
-        nll, n = token_nll(lm.model, batch)
-        loss = nll.sum() / n.sum().clamp(min=1)
+            loss = nll.sum() / n.sum().clamp(min=1) + t.anti_refusal * away
+        else:
+            nll, n = token_nll(lm.model, batch)
+            loss = nll.sum() / n.sum().clamp(min=1)
         if t.contrast_examples:
             cb = collate([t.contrast_examples[i] for i in idx], lm.tokenizer.pad_token_id,
                          lm.device)
