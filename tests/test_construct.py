@@ -93,8 +93,10 @@ def test_subspace_abliteration_equals_runtime_ablation(tiny_lm):
 
     g = torch.Generator().manual_seed(3)
     rs = [torch.randn(tiny_lm.parts.hidden_size, generator=g) for _ in range(3)]
-    rs.append(rs[0] + 0.5 * rs[1])  # dependent: dropped from the basis
+    rs.insert(1, rs[0] + 0.5 * rs[1])  # dependent (and not last): adds nothing to the basis
     Q = orthonormal_basis(rs)
+    for r in rs:  # the basis spans every direction
+        assert torch.allclose(Q @ (Q.T @ r), r, atol=1e-4)
     assert Q.shape[1] == 3 and torch.allclose(Q.T @ Q, torch.eye(3), atol=1e-5)
     x = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad(), contextlib.ExitStack() as stack:

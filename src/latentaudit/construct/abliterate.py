@@ -18,12 +18,12 @@ from ..models.arch import residual_writers, writer_out_dim, writers_write_direct
 
 
 def orthonormal_basis(directions: list[torch.Tensor]) -> torch.Tensor:
-    """[d, k] orthonormal basis of the span of ``directions`` (QR; numerically dependent
-    directions are dropped)."""
+    """[d, k] orthonormal basis of the span of ``directions`` (left singular vectors with a
+    non-negligible singular value: a direction dependent on the others adds nothing, wherever
+    it sits in the list)."""
     D = torch.stack([r / r.norm() for r in directions], 1).double()
-    Q, R = torch.linalg.qr(D)
-    keep = R.diagonal().abs() > 1e-6
-    return Q[:, keep].float()
+    U, S, _ = torch.linalg.svd(D, full_matrices=False)
+    return U[:, S > 1e-6 * S[0]].float()
 
 
 @torch.no_grad()
