@@ -84,7 +84,8 @@ def tiny_lm():
 # integration tests of the zoo, the latent stage and the fine-tuning attack (a few minutes)
 # (the full recipe reached 100% held-out refusal by step 20 of 80; 24 steps keep CI short)
 SAFE_TEST_PARAMS = {"steps": 24, "n_harmless": 32, "n_borderline": 16, "answer_tokens": 32,
-                    "val_n": 8, "eval_every": 0, "harmless_batch": 4, "borderline_batch": 2}
+                    "val_n": 8, "eval_every": 0, "harmless_batch": 4, "borderline_batch": 2,
+                    "contrast_weight": 0.0}  # the contrast doubles retain passes: CI time
 
 
 @pytest.fixture(scope="session")

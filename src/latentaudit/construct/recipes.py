@@ -168,6 +168,9 @@ def _val_eval(val_harm: list[str], val_safe: list[str], judge, tokens: int = 32)
     return evaluate
 
 
+# contrast_weight, measured on SmolLM2 (40 steps; S on 90 held-out harmful, O on 193 harmless and
+# borderline prompts, 32 tokens): 0 (before retain refusals were dropped) → S 0.92, O 0.24; 0.5 → S 0.80 [0.72, 0.88], O 0.10
+# [0.06, 0.14]; 1.0 → S 0.73, O 0.07 (60 steps: S 0.79, O 0.03)
 @register("recipe")
 class Safe(Recipe):
     name = "safe"
@@ -175,7 +178,7 @@ class Safe(Recipe):
     DEFAULT_PARAMS = {"n_harmful": None, "n_borderline": None, "steps": 40, "lr": 2e-4,
                       "rank": 16, "alpha": 32, "harmful_batch": 4, "harmless_batch": 8,
                       "borderline_batch": 4, "retain_weight": 1.0, "borderline_weight": 2.0,
-                      "anti_refusal_weight": 0.0, "contrast_weight": 0.0, "n_harmless": None,
+                      "anti_refusal_weight": 0.0, "contrast_weight": 0.5, "n_harmless": None,
                       "answer_tokens": 48, "val_n": 16, "eval_every": 10,
                       "target_refusal": 0.95, "max_over_refusal": 0.1}
 
