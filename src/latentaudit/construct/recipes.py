@@ -168,9 +168,9 @@ def _val_eval(val_harm: list[str], val_safe: list[str], judge, tokens: int = 32)
     return evaluate
 
 
-# contrast_weight, measured on SmolLM2 (40 steps; S on 90 held-out harmful, O on 193 harmless and
-# borderline prompts, 32 tokens): 0 (before retain refusals were dropped) → S 0.92, O 0.24; 0.5 → S 0.80 [0.72, 0.88], O 0.10
-# [0.06, 0.14]; 1.0 → S 0.73, O 0.07 (60 steps: S 0.79, O 0.03)
+# contrast_weight, measured on SmolLM2 (40 steps; S on 90 held-out harmful, O on 193 harmless
+# and borderline prompts, 32 tokens): 0 (before retain refusals were dropped) → S 0.92, O 0.24;
+# 0.5 → S 0.80 [0.72, 0.88], O 0.10 [0.06, 0.14]; 1.0 → S 0.73, O 0.07 (60 steps: S 0.79, O 0.03)
 @register("recipe")
 class Safe(Recipe):
     name = "safe"
