@@ -139,6 +139,23 @@ def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
     assert not (tmp_path / "X").exists()
 
 
+def test_recipe_params_are_type_checked_for_library_callers_too():
+    from latentaudit import registry
+    from latentaudit.errors import UserError
+
+    r = registry.create("recipe", "dissociated", steps=5, lr=1, eps_range=[0.001, 0.004])
+    assert r.params["lr"] == 1.0 and isinstance(r.params["lr"], float)
+    assert r.params["eps_range"] == (0.001, 0.004)
+    for bad in ({"steps": 2.5}, {"steps": True}, {"eps_range": (0.1,)}, {"paired": "yes"},
+                {"layers": [1, 2]}):
+        with pytest.raises(UserError, match="does not fit"):
+            registry.create("recipe", "dissociated", **bad)
+    # with paired (the default), harmful_batch would be silently unused: refused
+    with pytest.raises(UserError, match="harmful_batch has no effect"):
+        registry.create("recipe", "dissociated", harmful_batch=2)
+    assert registry.create("recipe", "dissociated", harmful_batch=2, paired=False)
+
+
 def test_retain_drops_answers_the_judge_calls_refusals(monkeypatch, tiny_lm):
     from latentaudit.construct import recipes
     from latentaudit.data.sets import Prompt, PromptSet

@@ -229,40 +229,22 @@ def directions(
 
 
 def _recipe_param(cls, item: str):
-    """KEY=VALUE for a recipe hyper-parameter, parsed as YAML and checked against the default's
-    type (an int default takes ints, a float default numbers, a range two numbers)."""
+    """KEY=VALUE for a recipe hyper-parameter, the value parsed as YAML; ``Recipe.coerce``
+    checks it against the default's type."""
     import yaml
 
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise UserError(f"--set takes KEY=VALUE (got {item!r})")
-    if key not in cls.DEFAULT_PARAMS:
-        raise UserError(f"recipe '{cls.name}' has no parameter {key!r} (it has: "
-                        f"{', '.join(sorted(cls.DEFAULT_PARAMS))})")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         raise UserError(f"--set {key}: cannot parse {raw!r}") from None
-    default = cls.DEFAULT_PARAMS[key]
-    num = (int, float)
-    ok = (value is None or default is None and isinstance(value, (int, str))
-          or isinstance(default, bool) and isinstance(value, bool)
-          or isinstance(default, int) and not isinstance(default, bool)
-          and isinstance(value, int) and not isinstance(value, bool)
-          or isinstance(default, float) and isinstance(value, num) and not isinstance(value, bool)
-          or isinstance(default, str) and isinstance(value, (str, int))
-          or isinstance(default, (tuple, list)) and isinstance(value, list)
-          and len(value) == len(default) and all(isinstance(v, num) for v in value))
-    if not ok:
-        raise UserError(f"--set {key}: {raw!r} does not fit the parameter (default {default!r})")
-    if isinstance(default, float):
-        value = float(value)
-    elif isinstance(default, str):
-        value = str(value)
-    elif isinstance(default, tuple):
-        value = tuple(float(v) for v in value)
-    return key, value
+    try:
+        return key, cls.coerce(key, value)
+    except UserError as e:
+        raise UserError(f"--set {e}") from None
 
 
 @app.command()

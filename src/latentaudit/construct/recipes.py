@@ -47,12 +47,46 @@ class Recipe:
         unknown = set(params) - set(self.DEFAULT_PARAMS)
         if unknown:
             raise UserError(f"recipe '{self.name}' has no parameter(s) {', '.join(sorted(unknown))}")
-        self.params = {**self.DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
-        self.validate()
+        given = {k: self.coerce(k, v) for k, v in params.items() if v is not None}
+        self.params = {**self.DEFAULT_PARAMS, **given}
+        self.validate(set(given))
 
-    def validate(self) -> None:
-        """Bad hyper-parameters fail here, before any model is loaded."""
+    @classmethod
+    def coerce(cls, key: str, value: Any) -> Any:
+        """``value`` checked against the type of ``key``'s default and converted to it: an int
+        default takes ints, a float default numbers, a str default strings (or ints, for layer
+        specs), a range two numbers; a None default an int or a str."""
+        if key not in cls.DEFAULT_PARAMS:
+            raise UserError(f"recipe '{cls.name}' has no parameter {key!r} (it has: "
+                            f"{', '.join(sorted(cls.DEFAULT_PARAMS))})")
+        default, num = cls.DEFAULT_PARAMS[key], (int, float)
+        is_bool = isinstance(value, bool)
+        ok = (value is None or default is None and isinstance(value, (int, str)) and not is_bool
+              or isinstance(default, bool) and is_bool
+              or isinstance(default, int) and not isinstance(default, bool)
+              and isinstance(value, int) and not is_bool
+              or isinstance(default, float) and isinstance(value, num) and not is_bool
+              or isinstance(default, str) and isinstance(value, (str, int)) and not is_bool
+              or isinstance(default, (tuple, list)) and isinstance(value, (tuple, list))
+              and len(value) == len(default)
+              and all(isinstance(v, num) and not isinstance(v, bool) for v in value))
+        if not ok:
+            raise UserError(f"{key}: {value!r} does not fit the parameter (default {default!r})")
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, str):
+            return str(value)
+        if isinstance(default, tuple):
+            return tuple(float(v) for v in value)
+        return value
+
+    def validate(self, given: set[str] = frozenset()) -> None:
+        """Bad hyper-parameters fail here, before any model is loaded (``given``: the keys the
+        caller set, as opposed to defaults)."""
         p = self.params
+        if p.get("paired") and "harmful_batch" in given:
+            raise UserError("harmful_batch has no effect with paired=True (the clean refusal "
+                            "term takes perturbed_batch); set paired=false or drop harmful_batch")
         choices = {"push_objective": ("completion", "generic"), "retain_from": ("source", "data")}
         for key, allowed in choices.items():
             if key in p and p[key] not in allowed:
@@ -214,7 +248,8 @@ class _PushedRecipe(Recipe):
               # the answer refuses or complies is decided in its opening tokens, and a loss
               # averaged over 48 tokens is dominated by the continuation's own entropy
               "push_tokens": None,
-              # clean refusal and the pushed term on the same prompts in the same step
+              # clean refusal and the pushed term on the same prompts in the same step (the
+              # clean term then takes perturbed_batch; harmful_batch is unused)
               "paired": False}
 
     def pushed_term(self, h_tr, comp_p: list[str], comp_t: list[str], perturb: Perturb) -> Term:
