@@ -319,8 +319,14 @@ class Dissociated(_PushedRecipe):
 class Hardened(_PushedRecipe):
     name = "hardened"
     doc = "latent adversarial training: refuse even under PGD pushes toward the harmful completion"
+    # Measured from the SmolLM2 `safe` default: retain targets from the source (`safe` itself)
+    # and no contrast over-refused 0.55 of held-out harmless + borderline prompts (n = 193);
+    # retain targets from the unaligned model and the contrast term (0.5, as `safe`) took that to
+    # 0.23 (harmless 0.13, n = 40 / 80) with S 0.95 (n = 40) and LVS_15 (pgd) 0.52 against
+    # safe's 0.69 (paired −0.17 [−0.23, −0.12], 24 prompts); 632 s
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 24, "lr": 2e-4, "layers": "frac:0.33-0.67",
-                      "eps_range": (0.02, 0.05), "pgd_steps": 3}
+                      "eps_range": (0.02, 0.05), "pgd_steps": 3, "retain_from": "data",
+                      "contrast_weight": 0.5}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):
         # the push is PGD toward the harmful completion; the target is a refusal
@@ -337,7 +343,10 @@ class Abliterated(Recipe):
     # is projected out. One direction is what the abliteration literature uses on large models;
     # on the LoRA-refused SmolLM2 `safe` (S 0.92) one left S = 0.50, two 0.53, three 0.38, four
     # 0.33 (60 held-out harmful prompts, 32 tokens), over-refusal 0.23 → 0.25 (60 harmless and
-    # borderline): its refusal is spread over several layers' directions
+    # borderline): its refusal is spread over several layers' directions. From the current
+    # `safe` default (contrast term, S 0.80) one direction (layer 24) already leaves S 0.05,
+    # two or four 0.00, over-refusal 0.03 → 0.00 (same prompts). Post-instruction positions other
+    # than the last (the template's "<|im_start|>assistant\n") scored no better as candidates
     DEFAULT_PARAMS = {"n": 64, "selection_n": 16, "n_directions": 4}
 
     def build(self, lm, env):
