@@ -12,6 +12,11 @@
     forward+backward tokens/s of the same model on the same batch (gradients to the inputs).
 
     .venv/bin/python benchmarks/bench_latent.py --model zoo/safe --n 16 --layers every:6
+
+Measured on the 2-core CPU (SmolLM2 `safe`, 16 prompts, layers 0, 6, 12, 18, 24; 57 min):
+(a) 1.20× / 1.60× / 1.86× at 25/50/75 % depth; (c) 1.72; (b) 1.19× — at a 5-point grid's
+precision bisection makes as many evaluations as the grid (364 against 325), so only the prefix
+cache is left as a saving; bisection pays at finer tolerances.
 """
 
 from __future__ import annotations
