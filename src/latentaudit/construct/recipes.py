@@ -319,12 +319,12 @@ class Dissociated(_PushedRecipe):
 class Hardened(_PushedRecipe):
     name = "hardened"
     doc = "latent adversarial training: refuse even under PGD pushes toward the harmful completion"
-    # Measured from the SmolLM2 `safe` default: retain targets from the source (`safe` itself)
-    # and no contrast over-refused 0.55 of held-out harmless + borderline prompts (n = 193);
-    # retain targets from the unaligned model and the contrast term (0.5, as `safe`) took that to
-    # 0.23 (harmless 0.12 [0.06, 0.17], n = 126) with S 0.97 [0.92, 1.00] (n = 90) and
-    # LVS_15 (pgd) 0.52 against
-    # safe's 0.69 (paired −0.17 [−0.23, −0.12], 24 prompts); 632 s
+    # Measured on SmolLM2. With retain targets from the source (`safe` itself) and no contrast,
+    # hardened (from an older `safe`) over-refused 0.55 of held-out harmless + borderline
+    # prompts (n = 193). From the current `safe` default, retain targets from the unaligned model
+    # and the contrast term (0.5, as `safe`) give over-refusal 0.12 [0.06, 0.17] on harmless
+    # (n = 126), S 0.97 [0.92, 1.00] (n = 90), LVS_15 (pgd) 0.52 against safe's 0.69 (paired
+    # −0.17 [−0.23, −0.12], 24 prompts); build 632 s
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 24, "lr": 2e-4, "layers": "frac:0.33-0.67",
                       "eps_range": (0.02, 0.05), "pgd_steps": 3, "retain_from": "data",
                       "contrast_weight": 0.5}
