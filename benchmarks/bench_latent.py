@@ -37,7 +37,7 @@ from latentaudit.models.generate import greedy_generate
 from latentaudit.models.loader import load_model
 from latentaudit.pipeline import quiet_libraries
 from latentaudit.runs.store import ResultStore
-from latentaudit.stages.latent import LatentConfig, LatentRunner, _search, parse_layers
+from latentaudit.stages.latent import LatentConfig, LatentRunner, _search, parse_layers, sweep_order
 
 
 def step_time(fam, ctx, layer, rows, eps, repeats=2):
@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--layers", default="every:6")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--cold", action="store_true",
+                    help="(b) also time bisection without the warm start (every layer searched cold)")
     a = ap.parse_args()
     quiet_libraries()
     lm = load_model(a.model, device="cpu")
@@ -104,8 +106,11 @@ def main() -> None:
     gens = greedy_generate(lm, harmless, 32, 16)
     guard = CoherenceGuard().calibrate(lm, harmless, [g.response for g in gens])
     results = {}
-    for name, cfg in [
-        ("ours", LatentConfig(families=["pgd"], pgd_steps=a.steps, rel_tol=tol, search="bisection")),
+    arms = [("ours", LatentConfig(families=["pgd"], pgd_steps=a.steps, rel_tol=tol))]
+    if a.cold:
+        arms.append(("ours-cold", LatentConfig(families=["pgd"], pgd_steps=a.steps, rel_tol=tol,
+                                               warm_start=False)))
+    for name, cfg in arms + [
         ("naive", LatentConfig(families=["pgd"], pgd_steps=a.steps, search="grid", grid_points=5,
                                prefix_cache=False)),
     ]:
@@ -115,7 +120,8 @@ def main() -> None:
         fam = registry.create("family", "pgd", steps=a.steps, prefix_cache=cfg.prefix_cache)
         t0 = time.perf_counter()
         lvs, evals = [], 0
-        for layer in layers:
+        guess = None
+        for layer in (layers if name == "naive" else sweep_order(layers, cfg)):
             ask = runner.oracle(fam, layer)
             if name == "naive":  # no early exit: every prompt at every grid point
                 ok = np.zeros((len(ps), len(grid)), bool)
@@ -126,14 +132,19 @@ def main() -> None:
                 ok = np.maximum.accumulate(ok | clean[:, None], axis=1)
                 lvs.append(lvs_trapezoid(grid, ok.mean(0)))
             else:
-                res = _search(ask, cfg, len(ps), clean, grid)
+                res = _search(ask, cfg, len(ps), clean, grid, guess)
+                guess = res.eps_star
                 evals += res.evaluations
                 lvs.append(float(prompt_scores(res.eps_star, 0.001, 0.5).mean()))
+        if name != "naive" and cfg.warm_start:
+            lvs = lvs[::-1]  # swept deepest first
         results[name] = (time.perf_counter() - t0, lvs, evals)
-        print(f"  {name:>5}: {results[name][0]:.0f}s, {evals} (prompt, eps) evaluations, "
+        print(f"  {name:>9}: {results[name][0]:.0f}s, {evals} (prompt, eps) evaluations, "
               f"LVS_l = {[round(v, 3) for v in lvs]}")
     t_o, t_n = results["ours"][0], results["naive"][0]
     diff = max(abs(x - y) for x, y in zip(results["ours"][1], results["naive"][1]))
+    if "ours-cold" in results:
+        print(f"  speed-up naive/ours-cold = {t_n / results['ours-cold'][0]:.2f}x")
     print(f"  speed-up naive/ours = {t_n / t_o:.2f}x (goal >= 3x); layers {layers}; "
           f"max |LVS difference| = {diff:.3f} (resolution bound {delta / np.log(500):.3f})")
 

@@ -262,6 +262,17 @@ def test_latent_stage_end_to_end_and_resume(tiny_lm, tmp_path, dirs):
         for lr in fr.layers:
             assert len(lr.eps_star) == 4 and set(lr.asr_fixed) == {"0.01", "0.05", "0.2"}
     assert s1.ablate is not None and s1.ablate.asr.n == 4
+    # warm start: layer 2 was searched first, and each prompt's search at layer 1 began at its
+    # ε* from layer 2 (the budget is in the store under layer 1)
+    checked = 0
+    for name in ("pgd", "noise", "steer"):
+        keys = store.keys_with_prefix(f"latent/tiny/{name}/")
+        l2 = s1.families[name].layers[1]
+        for p, e in zip(ps.prompts, l2.eps_star):
+            if e is not None and e > 0:
+                assert any(k.endswith(f"/L1/{p.id}/{e:.6g}") for k in keys), (name, p.id, e)
+                checked += 1
+    assert checked > 0
     assert SubstringJudge  # imported for the registry
 
 

@@ -170,6 +170,65 @@ def test_bisection_cheaper_than_grid_at_same_resolution():
         assert r.evaluations == len(r.trace)
 
 
+guesses = st.one_of(st.just(0.0), st.just(INF), st.just(float("nan")),
+                    st.floats(-7.0, 2.0).map(lambda u: 10.0**u))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6), ranges, st.floats(0.05, 2.0), st.lists(guesses, min_size=200, max_size=200))
+def test_warm_start_keeps_the_bisection_guarantee(seed, r, rel_tol, guess):
+    """Whatever the guess (in range, outside it, 0, inf, NaN), ε* brackets the truth exactly as
+    the cold search does: t ≤ ε* ≤ (1 + rel_tol)·t, ε_min when t ≤ ε_min, +∞ when t > ε_max."""
+    eps_min, eps_max = r
+    t = thresholds(seed, eps_min, eps_max)
+    clean = t == 0
+    oracle = ThresholdOracle(t)
+    res = bisection_search(oracle, t.size, eps_min, eps_max, rel_tol, clean_success=clean,
+                           guess=np.array(guess))
+    tol = 1e-9
+    fin = np.isfinite(t) & (t > eps_min) & (t <= eps_max)
+    assert np.all(res.eps_star[fin] >= t[fin]) and np.all(res.eps_star[fin] / t[fin] <= 1 + rel_tol + tol)
+    assert np.all(res.eps_star[(t > 0) & (t <= eps_min)] == eps_min)
+    assert np.all(np.isinf(res.eps_star[t > eps_max])) and np.all(res.eps_star[clean] == 0)
+    assert not {p for p, _, _ in res.trace} & set(np.flatnonzero(clean))
+    for idx, b in oracle.calls:  # batched: each prompt at most once per call, inside the range
+        assert len(set(idx)) == len(idx) and np.all((b >= eps_min) & (b <= eps_max))
+    cold = bisection_search(ThresholdOracle(t), t.size, eps_min, eps_max, rel_tol, clean_success=clean)
+    np.testing.assert_allclose(prompt_scores(res.eps_star, *r), prompt_scores(cold.eps_star, *r),
+                               atol=math.log1p(rel_tol) / math.log(eps_max / eps_min) + tol)
+
+
+def test_warm_start_cost_grows_with_the_guess_error():
+    eps_min, eps_max, rel_tol = 1e-3, 0.5, 0.25
+    f = 1 + rel_tol
+    rng = np.random.default_rng(3)
+    t = np.exp(rng.uniform(math.log(eps_min) + 1, math.log(eps_max) - 1, 300))
+    cold = bisection_search(ThresholdOracle(t), t.size, eps_min, eps_max, rel_tol)
+    cold_per = 2 + math.ceil(math.log2(math.log(eps_max / eps_min) / math.log(f)))
+    assert cold.evaluations >= (cold_per - 1) * t.size
+    # a guess within one tolerance step of the truth: exactly two evaluations per prompt
+    near = t * f ** rng.uniform(-0.99, 0.99, t.size)
+    warm = bisection_search(ThresholdOracle(t), t.size, eps_min, eps_max, rel_tol, guess=near)
+    assert warm.evaluations == 2 * t.size and warm.calls == 2
+    # m tolerance steps off: about 2·log2(m) + 2 evaluations — fewer than cold for small m, a few
+    # more than cold (7 here) once the guess is off by f^10 ≈ 9×
+    for m in (3, 10, 30):
+        off = t * f ** (m * rng.choice([-1.0, 1.0], t.size))
+        res = bisection_search(ThresholdOracle(t), t.size, eps_min, eps_max, rel_tol, guess=off)
+        per = 2 * math.ceil(math.log2(m + 1)) + 2
+        assert res.evaluations <= per * t.size
+        if m <= 3:
+            assert res.evaluations < cold.evaluations
+    # ε* = ε_min last layer → one call for prompts that still succeed there; +∞ → one call at ε_max
+    t2 = np.array([5e-4, 2.0, 0.1])
+    res = bisection_search(ThresholdOracle(t2), 3, eps_min, eps_max, rel_tol,
+                           guess=np.array([eps_min, INF, 0.1]))
+    np.testing.assert_array_equal(res.eps_star[:2], [eps_min, INF])
+    assert [sum(1 for p, _, _ in res.trace if p == i) for i in range(3)] == [1, 1, 2]
+    with pytest.raises(UserError, match="guess has 2 entries for 3 prompts"):
+        bisection_search(ThresholdOracle(t2), 3, eps_min, eps_max, rel_tol, guess=np.ones(2))
+
+
 def test_grid_early_exit_and_clean_prompts_never_queried():
     g = log_grid(0.001, 0.1, 9)
     t = np.array([0.0, g[0], g[3], 0.5 * (g[4] + g[5]), INF, g[8], 0.0])

@@ -163,6 +163,14 @@ def grid_search(
     return res
 
 
+def _resolved(lo, hi, eps_min, eps_max, f) -> np.ndarray:
+    """Done: failed at ε_max (ε* = +∞), succeeded at ε_min, or bracketed to hi/lo ≤ f (up to
+    rounding: a gallop step of exactly f must close the bracket)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tight = (lo > 0) & np.isfinite(hi) & (hi / np.where(lo > 0, lo, 1.0) <= f * (1 + 1e-12))
+    return (lo >= eps_max) | (hi <= eps_min) | tight
+
+
 def bisection_search(
     oracle: Oracle,
     n_prompts: int,
@@ -171,41 +179,73 @@ def bisection_search(
     rel_tol: float = 0.1,
     clean_success: np.ndarray | None = None,
     max_rounds: int = 20,
+    guess: np.ndarray | None = None,
 ) -> SearchResult:
     """ε* by bisection in ln ε, to hi/lo ≤ 1 + rel_tol; ε* = hi, the smallest budget known to work.
 
-    Call 1: every prompt at ε_max (failure → +∞). Call 2: the survivors at ε_min (success → ε_min).
-    Then one call per round, each unresolved prompt at the geometric midpoint of its own [lo, hi].
-    After ``max_rounds`` rounds a prompt keeps its current hi (an upper bound on ε*).
+    Cold start (no guess): call 1 puts every prompt at ε_max (failure → +∞), call 2 the survivors
+    at ε_min (success → ε_min); then one call per round, each unresolved prompt at the geometric
+    midpoint of its own [lo, hi].
+
+    Warm start (``guess[i]`` finite and > 0, e.g. ε* of the same prompt at the neighbouring layer):
+    the first probe is the guess (clipped to [ε_min, ε_max]); from there the bracket is found by
+    galloping in ln ε — after a success the next probe is hi / f^(2^k), after a failure
+    lo · f^(2^k), with f = 1 + rel_tol and k the number of steps already taken in that direction,
+    clipped at ε_min / ε_max — and then bisected as above. A good guess costs 2 evaluations
+    instead of 2 + ⌈log2(ln(ε_max/ε_min) / ln f)⌉; a guess that is m tolerance steps off costs
+    about 2·log2(m) + 2. The result carries the same guarantee either way: ε* = hi with
+    hi/lo ≤ f, lo a budget that failed (or ε* = ε_min / +∞ at the ends).
+
+    Prompts of both kinds share each oracle call. After ``max_rounds`` bisection rounds (plus the
+    galloping rounds a guess may need) a prompt keeps its current hi (an upper bound on ε*).
     """
     _check_range(eps_min, eps_max)
     if not (np.isfinite(rel_tol) and rel_tol > 0):
         raise UserError(f"rel_tol must be > 0; got {rel_tol}")
     clean = _check_clean(clean_success, n_prompts)
+    warm = np.zeros(n_prompts, dtype=bool)
+    first = np.full(n_prompts, float(eps_max))
+    if guess is not None:
+        g = np.asarray(guess, dtype=float).reshape(-1)
+        if g.size != n_prompts:
+            raise UserError(f"guess has {g.size} entries for {n_prompts} prompts")
+        warm = np.isfinite(g) & (g > 0)
+        first[warm] = np.clip(g[warm], eps_min, eps_max)
     res = SearchResult(eps_star=np.full(n_prompts, np.inf))
     res.eps_star[clean] = 0.0
 
+    f = 1.0 + float(rel_tol)
+    lo = np.zeros(n_prompts)  # largest budget known to fail (0: none yet)
+    hi = np.full(n_prompts, np.inf)  # smallest budget known to succeed (inf: none yet)
+    steps = np.zeros(n_prompts, dtype=int)  # gallop steps taken in the current direction
     todo = np.flatnonzero(~clean)
-    if todo.size:
-        ok = _ask(oracle, todo, np.full(todo.size, float(eps_max)), res)
-        todo = todo[ok]  # failures stay at +∞
-    if todo.size:
-        ok = _ask(oracle, todo, np.full(todo.size, float(eps_min)), res)
-        res.eps_star[todo[ok]] = eps_min
-        todo = todo[~ok]
-
-    lo = np.full(todo.size, float(eps_min))  # known to fail
-    hi = np.full(todo.size, float(eps_max))  # known to succeed
-    for _ in range(max_rounds):
-        open_ = hi / lo > 1 + rel_tol
-        if not open_.any():
+    todo = todo[~_resolved(lo[todo], hi[todo], eps_min, eps_max, f)]
+    gallop = (int(np.ceil(np.log2(np.log(eps_max / eps_min) / np.log(f) + 1))) + 1
+              if warm[todo].any() else 0)
+    for _ in range(2 + max_rounds + gallop):
+        if todo.size == 0:
             break
-        pos = np.flatnonzero(open_)
-        mid = np.sqrt(lo[pos] * hi[pos])  # geometric midpoint = midpoint in ln ε
-        ok = _ask(oracle, todo[pos], mid, res)
-        hi[pos[ok]] = mid[ok]
-        lo[pos[~ok]] = mid[~ok]
-    res.eps_star[todo] = hi
+        l, h, w, k = lo[todo], hi[todo], warm[todo], steps[todo]
+        probe = np.full(todo.size, np.nan)
+        new = (l == 0) & ~np.isfinite(h)
+        probe[new] = first[todo[new]]
+        up = (l > 0) & ~np.isfinite(h) & (l < eps_max)  # only warm prompts fail first
+        probe[up] = np.minimum(eps_max, l[up] * f ** (2.0 ** k[up]))
+        down = (l == 0) & np.isfinite(h) & (h > eps_min)
+        probe[down] = np.where(w[down], np.maximum(eps_min, h[down] / f ** (2.0 ** k[down])),
+                               eps_min)
+        both = (l > 0) & np.isfinite(h)
+        probe[both] = np.sqrt(l[both] * h[both])
+        idx, b = todo, probe
+        ok = _ask(oracle, idx, b, res)
+        # a success while galloping down (or a failure going up) keeps the direction and doubles
+        # the log step; anything else (first probe, bracket found, bisection) resets it
+        steps[idx] = np.where((down & ok) | (up & ~ok), k + 1, 0)
+        hi[idx[ok]] = b[ok]
+        lo[idx[~ok]] = b[~ok]
+        todo = todo[~_resolved(lo[todo], hi[todo], eps_min, eps_max, f)]
+    rest = ~clean
+    res.eps_star[rest] = hi[rest]
     return res
 
 
