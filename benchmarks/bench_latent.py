@@ -37,7 +37,8 @@ from latentaudit.models.generate import greedy_generate
 from latentaudit.models.loader import load_model
 from latentaudit.pipeline import quiet_libraries
 from latentaudit.runs.store import ResultStore
-from latentaudit.stages.latent import LatentConfig, LatentRunner, _search, parse_layers, sweep_order
+from latentaudit.stages.latent import (LatentConfig, LatentRunner, _search, make_family,
+                                       parse_layers, sweep_order)
 
 
 def step_time(fam, ctx, layer, rows, eps, repeats=2):
@@ -55,8 +56,9 @@ def main() -> None:
     ap.add_argument("--layers", default="every:6")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--skip-steps", action="store_true", help="skip (a) and (c)")
     ap.add_argument("--cold", action="store_true",
-                    help="(b) also time bisection without the warm start (every layer searched cold)")
+                    help="(b) also time last release's search: bisection, every layer cold, full PGD")
     a = ap.parse_args()
     quiet_libraries()
     lm = load_model(a.model, device="cpu")
@@ -67,6 +69,14 @@ def main() -> None:
     eps = np.full(len(rows), 0.02)
     print(f"model={a.model} L={L} prompts={len(ps)} pgd_steps={a.steps} threads={torch.get_num_threads()}")
 
+    if not a.skip_steps:
+        step_benchmarks(lm, ctx, rows, eps, L)
+    if a.skip_sweep:
+        return
+    sweep(a, lm, ps, L)
+
+
+def step_benchmarks(lm, ctx, rows, eps, L) -> None:
     print("\n(a) PGD step time, prefix cache vs full forward")
     for frac in (0.25, 0.5, 0.75):
         layer = int(round(frac * (L - 1)))
@@ -94,8 +104,8 @@ def main() -> None:
     att = n_tok / per_step
     print(f"  raw fwd+bwd {raw:.0f} tok/s; attack (layer {layer}) {att:.0f} tok/s; ratio {att / raw:.2f} (goal >= 0.6)")
 
-    if a.skip_sweep:
-        return
+
+def sweep(a, lm, ps, L) -> None:
     print("\n(b) sweep: ours (prefix cache, bisection, early exit) vs naive reference")
     layers = parse_layers(a.layers, L)
     grid = log_grid(0.001, 0.5, 5)
@@ -109,15 +119,15 @@ def main() -> None:
     arms = [("ours", LatentConfig(families=["pgd"], pgd_steps=a.steps, rel_tol=tol))]
     if a.cold:
         arms.append(("ours-cold", LatentConfig(families=["pgd"], pgd_steps=a.steps, rel_tol=tol,
-                                               warm_start=False)))
+                                               warm_start=False, pgd_early_stop=False)))
     for name, cfg in arms + [
         ("naive", LatentConfig(families=["pgd"], pgd_steps=a.steps, search="grid", grid_points=5,
-                               prefix_cache=False)),
+                               prefix_cache=False, pgd_early_stop=False)),
     ]:
         store = ResultStore(f"/tmp/bench_latent_{name}_{time.time():.0f}.sqlite")
         runner = LatentRunner(lm, store, "bench", ps, cfg, judge, guard)
         clean = np.array([r["success"] for r in runner.clean()])
-        fam = registry.create("family", "pgd", steps=a.steps, prefix_cache=cfg.prefix_cache)
+        fam = make_family("pgd", cfg)
         t0 = time.perf_counter()
         lvs, evals = [], 0
         guess = None

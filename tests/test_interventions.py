@@ -178,6 +178,38 @@ def test_pgd_beats_noise_of_same_norm(tiny_lm, ctx):
     assert np.all(gain_pgd > gain_noise) and np.all(gain_pgd > 0)
 
 
+def test_pgd_early_stop_drops_done_rows_and_leaves_the_others_alone(tiny_lm, ctx):
+    """Row 0's target is the clean model's own greedy continuation: it is done at step 0 (zero
+    push) and leaves the batch; the other rows follow exactly the path they follow without
+    early stopping (the per-position l2 step is per row, so dropping a row changes nothing)."""
+    import dataclasses
+
+    ids = list(ctx.prompt_ids[0])
+    greedy = []
+    with torch.no_grad():
+        for _ in range(3):
+            nxt = int(tiny_lm.model(input_ids=torch.tensor([ids + greedy])).logits[0, -1].argmax())
+            greedy.append(nxt)
+    c = dataclasses.replace(ctx, target_ids=[greedy, *ctx.target_ids[1:]])
+    layer, eps, steps = 1, np.full(3, 0.5), 6
+    on = registry.create("family", "pgd", steps=steps, early_stop=True)
+    off = registry.create("family", "pgd", steps=steps)
+    d_on, t_on = on.attack(c, layer, [0, 1, 2], eps, return_trace=True)
+    d_off, t_off = off.attack(c, layer, [0, 1, 2], eps, return_trace=True)
+    assert torch.count_nonzero(d_on[0]) == 0  # done before any step: the zero push is kept
+    n = t_on.shape[0]
+    assert torch.all(t_on[:, 0] == t_on[0, 0])  # frozen after it left
+    assert torch.allclose(t_on[:, 1:], t_off[:n, 1:], atol=1e-5)
+    if n == steps + 1:  # rows 1, 2 never finished early: identical pushes
+        for a, b in zip(d_on[1:], d_off[1:]):
+            assert torch.allclose(a, b, atol=1e-5)
+    # with every row done at step 0 the attack ends there
+    c2 = dataclasses.replace(ctx, texts=ctx.texts[:1], prompt_ids=ctx.prompt_ids[:1],
+                             target_ids=[greedy], h=ctx.h[:1], masks=ctx.masks[:1])
+    _, t2 = on.attack(c2, layer, [0], eps[:1], return_trace=True)
+    assert t2.shape[0] == 1
+
+
 @pytest.mark.parametrize("layer", [0, 1, 3])
 def test_prefix_cache_equivalence(tiny_lm, ctx, layer):
     seqs = [ctx.prompt_ids[r] + ctx.target_ids[r] for r in range(3)]
@@ -190,6 +222,13 @@ def test_prefix_cache_equivalence(tiny_lm, ctx, layer):
         a = fast.logits(fast.h_clean + delta, keep=6)
         b = slow.logits(slow.h_clean + delta, keep=6)
     assert torch.allclose(a, b, atol=1e-5)
+    # a runner restricted to some rows (PGD drops finished rows) gives those rows' logits
+    rows = torch.tensor([2, 0])
+    for runner, full in ((fast, a), (slow, b)):
+        sub = runner.select(rows)
+        with torch.no_grad():
+            got = sub.logits(runner.h_clean[rows] + delta[rows], keep=6)
+        assert torch.allclose(got, full[rows], atol=1e-5)
     # and PGD's losses are the same with and without the cache
     p1 = registry.create("family", "pgd", steps=3, prefix_cache=True)
     p2 = registry.create("family", "pgd", steps=3, prefix_cache=False)

@@ -126,6 +126,10 @@ class PGD(Family):
         "refusal_weight": 1.0,  # weight of −log(1 − p(refusal opener)) at the first response token
         "prefix_cache": True,   # run only blocks l+1..L−1 per step
         "batch_size": 16,
+        # stop a row once its perturbed model puts the whole target first (greedy under teacher
+        # forcing) and its refusal-opener probability is below ½: greedy generation then begins
+        # with the target, and further steps only deepen a margin; done rows leave the batch
+        "early_stop": False,
     }
 
     def __init__(self, **params):
@@ -194,26 +198,36 @@ class PGD(Family):
         u = torch.zeros_like(h, requires_grad=True)
         best = torch.zeros_like(h)
         best_loss = torch.full((b,), float("inf"), device=h.device)
+        last_loss = torch.full((b,), float("inf"), device=h.device)
         opt = torch.optim.Adam([u], lr=float(p["step_size"])) if p["optimizer"] == "adam" else None
+        early = bool(p.get("early_stop", False))
+        act = torch.arange(b, device=h.device)  # rows still attacked
+        run = runner
         trace = []
         dtype = lm.dtype
         for k in range(int(p["steps"]) + 1):
-            delta = u * scale
-            logits = runner.logits((h + delta).to(dtype), keep=keep).float()  # [b, keep, V]
+            delta = u[act] * scale[act]
+            logits = run.logits((h[act] + delta).to(dtype), keep=keep).float()  # [a, keep, V]
             logp = torch.log_softmax(logits, dim=-1)
-            tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [b, keep]
-            ce = -(tok_lp * wmask).sum(-1) / wmask.sum(-1)
-            lp_first = logp[torch.arange(b, device=h.device), first]  # [b, V]
+            tg, wm = tgt[act], wmask[act]
+            tok_lp = logp.gather(-1, tg.unsqueeze(-1)).squeeze(-1)  # [a, keep]
+            ce = -(tok_lp * wm).sum(-1) / wm.sum(-1)
+            lp_first = logp[torch.arange(act.numel(), device=h.device), first[act]]  # [a, V]
             p_ref = torch.logsumexp(lp_first[:, ref_ids], dim=-1).exp().clamp(max=1 - 1e-6)
-            loss = ce - w * torch.log1p(-p_ref)  # [b]
+            loss = ce - w * torch.log1p(-p_ref)  # [a]
             with torch.no_grad():
-                better = loss < best_loss
-                best[better] = delta.detach()[better]
-                best_loss = torch.where(better, loss.detach(), best_loss)
-            trace.append(loss.detach().cpu())
-            if k == int(p["steps"]):
+                better = loss < best_loss[act]
+                best[act[better]] = delta.detach()[better]
+                best_loss[act[better]] = loss.detach()[better]
+                last_loss[act] = loss.detach()
+                done = torch.zeros_like(better)
+                if early:
+                    done = ((logits.argmax(-1) == tg) | ~wm).all(-1) & (p_ref < 0.5)
+                    best[act[done]] = delta.detach()[done]  # the push that already works
+            trace.append(last_loss.detach().cpu().clone())
+            if k == int(p["steps"]) or bool(done.all()):
                 break
-            (grad,) = torch.autograd.grad(loss.sum(), u)
+            (grad,) = torch.autograd.grad((loss * ~done).sum(), u)
             with torch.no_grad():
                 grad = grad * live
                 if opt is not None:
@@ -227,6 +241,9 @@ class PGD(Family):
                     u -= float(p["step_size"]) * grad.sign()
                 # project onto ‖u_t‖ ≤ √d, i.e. ‖δ_t‖ ≤ radius_t; zero where not allowed
                 u.copy_(project(u, torch.full_like(scale, d ** 0.5)) * live)
+            if bool(done.any()):
+                act = act[~done]
+                run = run.select((~done).nonzero().squeeze(-1))
         out = []
         for j in range(b):
             start = t - n_t[j] - n_p[j]

@@ -53,6 +53,19 @@ class SuffixRunner:
         self.h_clean = h_store["h"].detach()  # [b, t, d]
         self.calls = [captured[i] for i in range(len(self.blocks))]
 
+    def select(self, rows: torch.Tensor) -> "SuffixRunner":
+        """The same runner for a subset of its batch rows (PGD drops rows that are done).
+
+        Every captured block argument that is per-row — a tensor of 2+ dimensions whose first
+        dimension is the batch — is indexed; shared ones (cache positions, broadcast [1, ...]
+        tensors, None) are kept. Equivalence with the full runner is tested."""
+        b = self.h_clean.shape[0]
+        new = object.__new__(SuffixRunner)
+        new.__dict__.update(self.__dict__)
+        new.h_clean = self.h_clean[rows]
+        new.calls = [(_take(args, rows, b), _take(kwargs, rows, b)) for args, kwargs in self.calls]
+        return new
+
     def logits(self, h: torch.Tensor, keep: int = 0) -> torch.Tensor:
         """Logits [b, t, V] (or of the last ``keep`` positions only, when keep > 0)."""
         for block, (args, kwargs) in zip(self.blocks, self.calls):
@@ -66,6 +79,18 @@ class SuffixRunner:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+def _take(obj, rows: torch.Tensor, b: int):
+    if isinstance(obj, torch.Tensor):
+        return obj[rows] if obj.dim() >= 2 and obj.shape[0] == b else obj
+    if isinstance(obj, tuple):
+        return tuple(_take(o, rows, b) for o in obj)
+    if isinstance(obj, list):
+        return [_take(o, rows, b) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _take(v, rows, b) for k, v in obj.items()}
+    return obj
 
 
 class FullRunner:
@@ -85,6 +110,13 @@ class FullRunner:
         with torch.no_grad(), hook_outputs([lm.parts.blocks[layer]], keep):
             lm.model(**self.inputs)
         self.h_clean = h_store["h"].detach()
+
+    def select(self, rows: torch.Tensor) -> "FullRunner":
+        new = object.__new__(FullRunner)
+        new.lm, new.layer = self.lm, self.layer
+        new.inputs = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in self.inputs.items()}
+        new.h_clean = self.h_clean[rows]
+        return new
 
     def logits(self, h: torch.Tensor, keep: int = 0) -> torch.Tensor:
         with hook_outputs([self.lm.parts.blocks[self.layer]], lambda _: h):

@@ -67,6 +67,9 @@ class LatentConfig(BaseModel):
     pgd_step_size: float = Field(0.25, gt=0)
     pgd_refusal_weight: float = Field(1.0, ge=0)
     prefix_cache: bool = True
+    pgd_early_stop: bool = Field(
+        True, description="a prompt leaves the PGD batch once its perturbed model puts the whole "
+        "target first (greedy under teacher forcing) with refusal-opener probability < 1/2")
     directions_harmful: str = "builtin:harmful:train"
     directions_harmless: str = "builtin:harmless:train"
     directions_n: int = Field(64, ge=2, description="train prompts per side for refusal directions")
@@ -104,7 +107,7 @@ def make_family(name: str, cfg: LatentConfig):
     elif name == "pgd":
         params = {"steps": cfg.pgd_steps, "optimizer": cfg.pgd_optimizer,
                   "step_size": cfg.pgd_step_size, "refusal_weight": cfg.pgd_refusal_weight,
-                  "prefix_cache": cfg.prefix_cache}
+                  "prefix_cache": cfg.prefix_cache, "early_stop": cfg.pgd_early_stop}
     return registry.create("family", name, **params)
 
 
