@@ -13,10 +13,13 @@
 
     .venv/bin/python benchmarks/bench_latent.py --model zoo/safe --n 16 --layers every:6
 
-Measured on the 2-core CPU (SmolLM2 `safe`, 16 prompts, layers 0, 6, 12, 18, 24; 57 min):
-(a) 1.20× / 1.60× / 1.86× at 25/50/75 % depth; (c) 1.72; (b) 1.19× — at a 5-point grid's
-precision bisection makes as many evaluations as the grid (364 against 325), so only the prefix
-cache is left as a saving; bisection pays at finer tolerances.
+Measured on the 2-core CPU (SmolLM2 `safe`, 16 prompts, layers 0, 6, 12, 18, 24):
+(a) 1.15× / 1.45× / 2.19× at 25/50/75 % depth (ideal 1.36 / 2.00 / 4.29); (c) 2.05;
+(b) 2.31× (ours 669 s, 200 evaluations; naive 1549 s, 325): the warm start took the search from
+364 evaluations (cold bisection, 1.19×, the release before) to 200 — 5 per prompt at the first
+(cold) layer, 1.8–3.5 at the others, whose guesses come from a layer 6 deeper. PGD early stop
+saved nothing here (676 s without it): the pushed model's compliant phrasing is not the
+AdvBench target verbatim, so the whole-target test never passed.
 """
 
 from __future__ import annotations
