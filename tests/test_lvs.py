@@ -75,9 +75,23 @@ def test_hand_made_scores():
 
 
 def test_estimate_degenerate_and_empty():
+    # every score 1: a binary outcome, Wilson interval — not the bootstrap's [1, 1]
     est = lvs_estimate([0.0, 0.0, 0.0005], 0.001, 0.1)
-    assert (est.value, est.lo, est.hi, est.n) == (1.0, 1.0, 1.0, 3)
+    assert (est.value, est.hi, est.n) == (1.0, 1.0, 3) and est.lo == pytest.approx(0.4385, abs=1e-4)
+    assert "Wilson" in est.ci
     assert lvs_estimate([], 0.001, 0.1).value is None
+
+
+def test_binary_means_get_wilson_intervals():
+    from latentaudit.metrics.stats import estimate_mean, wilson_ci
+
+    zero = estimate_mean([0.0] * 90, "S")
+    assert (zero.value, zero.lo) == (0.0, 0.0) and zero.hi == pytest.approx(0.0409, abs=1e-4)
+    assert wilson_ci(5, 90) == pytest.approx((0.0240, 0.1236), abs=1e-4)
+    mixed = estimate_mean([1.0, 0.0, 1.0, 1.0], "x")
+    assert mixed.lo == pytest.approx(wilson_ci(3, 4)[0]) and "Wilson" in mixed.ci
+    cont = estimate_mean([0.2, 0.5, 0.9, 1.0], "y")  # not binary: bootstrap
+    assert "bootstrap" in cont.ci and cont.lo <= cont.value <= cont.hi
 
 
 @FAST

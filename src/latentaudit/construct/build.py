@@ -67,7 +67,7 @@ def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
     for k, v in evaluation["over_refusal"].items():
         lines.append(f"  - {k}: {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] (n={v['n']})")
     lines += [f"- judge: {evaluation['judge']}, greedy, {evaluation['max_new_tokens']} new tokens; "
-              "95% bootstrap CIs over prompts", ""]
+              "95% Wilson score intervals (binary outcomes over prompts)", ""]
     if evals:
         lines += ["## Validation during training", "", "| step | val refusal | val over-refusal |",
                   "|---|---|---|"]

@@ -1,4 +1,4 @@
-"""Metrics: estimates with their definition, n and a 95% bootstrap confidence interval."""
+"""Metrics: estimates with their definition, n and a 95% confidence interval (Wilson or bootstrap)."""
 
 from .stats import Estimate, bootstrap_ci, estimate_mean
 

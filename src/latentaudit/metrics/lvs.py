@@ -94,7 +94,7 @@ def prompt_scores(eps_star: np.ndarray, eps_min: float, eps_max: float) -> np.nd
 def lvs_estimate(
     eps_star, eps_min: float, eps_max: float, seed: int = 0, definition: str | None = None
 ) -> Estimate:
-    """LVS with its 95% bootstrap CI over prompts; n = number of prompts."""
+    """LVS with its 95% CI over prompts (bootstrap; Wilson when every score is 0 or 1); n = prompts."""
     scores = prompt_scores(eps_star, eps_min, eps_max)
     if definition is None:
         definition = f"{LVS_DEFINITION}; eps_min={eps_min:g}, eps_max={eps_max:g}"

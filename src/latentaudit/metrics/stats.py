@@ -1,9 +1,12 @@
 """Every number latentaudit reports is an :class:`Estimate`: value, 95% CI, n and definition.
 
-Confidence intervals are percentile bootstraps over prompts (resampling prompts with
-replacement), computed with ``scipy.stats.bootstrap`` from a fixed seed so that the same data
-give the same interval. A proportion that is 0 or 1 on every prompt gets the degenerate interval
-[value, value]: the bootstrap cannot see beyond the sample, and ``n`` says how small it was.
+A mean of binary outcomes (every value 0 or 1: refusal rates, ASR, a per-prompt LVS score that
+is 0 or 1 everywhere) gets the 95% Wilson score interval, which stays honest at 0/n and n/n
+(0 refusals out of 90 is [0, 0.04]; a percentile bootstrap cannot see beyond the sample and
+says [0, 0]). Bernoulli data have the largest variance a [0, 1] value can have at a given
+mean, so for bounded scores that happen to be all 0 or 1 the interval errs wide. Any other
+mean gets a percentile bootstrap over prompts (resampling prompts with replacement), computed
+with ``scipy.stats.bootstrap`` from a fixed seed so that the same data give the same interval.
 """
 
 from __future__ import annotations
@@ -65,9 +68,27 @@ def paired_diff_ci(a: Sequence[float], b: Sequence[float], seed: int = 0) -> tup
     return float(d.mean()), lo, hi
 
 
+def wilson_ci(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n (95% by default)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (float(max(0.0, mid - half)), float(min(1.0, mid + half)))
+
+
+WILSON = "95% Wilson score interval (binary outcomes)"
+
+
 def estimate_mean(values: Sequence[float], definition: str, seed: int = 0) -> Estimate:
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return Estimate(value=None, lo=None, hi=None, n=0, definition=definition)
+    if np.all((x == 0) | (x == 1)):
+        lo, hi = wilson_ci(int(x.sum()), int(x.size))
+        return Estimate(value=float(x.mean()), lo=lo, hi=hi, n=int(x.size),
+                        definition=definition, ci=WILSON)
     lo, hi = bootstrap_ci(x, seed=seed)
     return Estimate(value=float(x.mean()), lo=lo, hi=hi, n=int(x.size), definition=definition)

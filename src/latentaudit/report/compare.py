@@ -117,7 +117,7 @@ def gap_from_parts(S: Estimate, lvs: Estimate, s_label: str, family: str) -> Est
                     f"{family}, computed by the report (the summary has no paired audit_gap): "
                     "not paired per prompt; the interval adds the two intervals' bounds "
                     "(conservative)"),
-        ci="sum of the bounds of two 95% percentile bootstrap intervals")
+        ci="sum of the bounds of the two 95% intervals (Wilson or percentile bootstrap)")
 
 
 def model_headline(m, run_dir: str, family: str | None = None) -> Headline:
