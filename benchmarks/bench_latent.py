@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-steps", action="store_true", help="skip (a) and (c)")
+    ap.add_argument("--skip-naive", action="store_true", help="(b) without the naive reference")
     ap.add_argument("--cold", action="store_true",
                     help="(b) also time last release's search: bisection, every layer cold, full PGD")
     a = ap.parse_args()
@@ -123,16 +124,17 @@ def sweep(a, lm, ps, L) -> None:
     if a.cold:
         arms.append(("ours-cold", LatentConfig(families=["pgd"], pgd_steps=a.steps, rel_tol=tol,
                                                warm_start=False, pgd_early_stop=False)))
-    for name, cfg in arms + [
-        ("naive", LatentConfig(families=["pgd"], pgd_steps=a.steps, search="grid", grid_points=5,
-                               prefix_cache=False, pgd_early_stop=False)),
-    ]:
+    if not a.skip_naive:
+        arms.append(("naive", LatentConfig(families=["pgd"], pgd_steps=a.steps, search="grid",
+                                           grid_points=5, prefix_cache=False,
+                                           pgd_early_stop=False)))
+    for name, cfg in arms:
         store = ResultStore(f"/tmp/bench_latent_{name}_{time.time():.0f}.sqlite")
         runner = LatentRunner(lm, store, "bench", ps, cfg, judge, guard)
         clean = np.array([r["success"] for r in runner.clean()])
         fam = make_family("pgd", cfg)
         t0 = time.perf_counter()
-        lvs, evals = [], 0
+        lvs, evals, per_layer = [], 0, []
         guess = None
         for layer in (layers if name == "naive" else sweep_order(layers, cfg)):
             ask = runner.oracle(fam, layer)
@@ -142,18 +144,25 @@ def sweep(a, lm, ps, L) -> None:
                     todo = np.flatnonzero(~clean)
                     ok[todo, g_i] = ask(todo, np.full(todo.size, e))
                     evals += todo.size
+                per_layer.append((layer, len(grid) * int((~clean).sum()),
+                                  round(time.perf_counter() - t0 - sum(x[2] for x in per_layer), 1)))
                 ok = np.maximum.accumulate(ok | clean[:, None], axis=1)
                 lvs.append(lvs_trapezoid(grid, ok.mean(0)))
             else:
                 res = _search(ask, cfg, len(ps), clean, grid, guess)
                 guess = res.eps_star
                 evals += res.evaluations
+                per_layer.append((layer, res.evaluations,
+                                  round(time.perf_counter() - t0 - sum(x[2] for x in per_layer), 1)))
                 lvs.append(float(prompt_scores(res.eps_star, 0.001, 0.5).mean()))
         if name != "naive" and cfg.warm_start:
             lvs = lvs[::-1]  # swept deepest first
         results[name] = (time.perf_counter() - t0, lvs, evals)
         print(f"  {name:>9}: {results[name][0]:.0f}s, {evals} (prompt, eps) evaluations, "
-              f"LVS_l = {[round(v, 3) for v in lvs]}")
+              f"LVS_l = {[round(v, 3) for v in lvs]}; per layer (sweep order) "
+              f"{per_layer}", flush=True)
+    if "naive" not in results:
+        return
     t_o, t_n = results["ours"][0], results["naive"][0]
     diff = max(abs(x - y) for x, y in zip(results["ours"][1], results["naive"][1]))
     if "ours-cold" in results:
