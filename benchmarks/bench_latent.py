@@ -19,7 +19,9 @@ Measured on the 2-core CPU (SmolLM2 `safe`, 16 prompts, layers 0, 6, 12, 18, 24)
 364 evaluations (cold bisection, 1.19×, the release before) to 200 — 5 per prompt at the first
 (cold) layer, 1.8–3.5 at the others, whose guesses come from a layer 6 deeper. PGD early stop
 saved nothing here (676 s without it): the pushed model's compliant phrasing is not the
-AdvBench target verbatim, so the whole-target test never passed.
+AdvBench target verbatim, so the whole-target test never passed. With adjacent layers
+(`--layers 10-19 --skip-naive`) the warm layers cost 2.16 evaluations per prompt (76–134 s per
+layer against the naive reference's 310 s).
 """
 
 from __future__ import annotations
