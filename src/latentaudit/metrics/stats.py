@@ -68,15 +68,14 @@ def paired_diff_ci(a: Sequence[float], b: Sequence[float], seed: int = 0) -> tup
     return float(d.mean()), lo, hi
 
 
-def wilson_ci(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for k successes out of n (95% by default)."""
+def wilson_ci(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n (scipy's ``binomtest``)."""
+    from scipy.stats import binomtest
+
     if n <= 0:
         return (float("nan"), float("nan"))
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (float(max(0.0, mid - half)), float(min(1.0, mid + half)))
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 WILSON = "95% Wilson score interval (binary outcomes)"
