@@ -152,7 +152,9 @@ def latent(
     families: Annotated[Optional[str], typer.Option(help="comma-separated: pgd, steer, noise, ablate [default: pgd,steer,noise]")] = None,
     eps_min: Annotated[Optional[float], typer.Option(help="smallest relative budget [default: 0.001]")] = None,
     eps_max: Annotated[Optional[float], typer.Option(help="largest relative budget [default: 0.5]")] = None,
-    search: Annotated[Optional[str], typer.Option(help="bisection or grid [default: bisection]")] = None,
+    search: Annotated[Optional[str], typer.Option(help="bisection (deepest layer first, each search warm-started from the "
+                                      "layer before; latent.warm_start: false in --config for cold) "
+                                      "or grid [default: bisection]")] = None,
     rel_tol: Annotated[Optional[float], typer.Option(help="bisection tolerance: stop when hi/lo <= 1+rel_tol [default: 0.25]")] = None,
     grid_points: Annotated[Optional[int], typer.Option(help="points of the log grid [default: 9]")] = None,
     positions: Annotated[Optional[str], typer.Option(help="prompt (minus first token and sinks), last, or all [default: prompt]")] = None,
