@@ -140,6 +140,7 @@ def sweep(a, lm, ps, L) -> None:
         guess = None
         for layer in (layers if name == "naive" else sweep_order(layers, cfg)):
             ask = runner.oracle(fam, layer)
+            tl = time.perf_counter()
             if name == "naive":  # no early exit: every prompt at every grid point
                 ok = np.zeros((len(ps), len(grid)), bool)
                 for g_i, e in enumerate(grid):
@@ -147,15 +148,14 @@ def sweep(a, lm, ps, L) -> None:
                     ok[todo, g_i] = ask(todo, np.full(todo.size, e))
                     evals += todo.size
                 per_layer.append((layer, len(grid) * int((~clean).sum()),
-                                  round(time.perf_counter() - t0 - sum(x[2] for x in per_layer), 1)))
+                                  round(time.perf_counter() - tl, 1)))
                 ok = np.maximum.accumulate(ok | clean[:, None], axis=1)
                 lvs.append(lvs_trapezoid(grid, ok.mean(0)))
             else:
                 res = _search(ask, cfg, len(ps), clean, grid, guess)
                 guess = res.eps_star
                 evals += res.evaluations
-                per_layer.append((layer, res.evaluations,
-                                  round(time.perf_counter() - t0 - sum(x[2] for x in per_layer), 1)))
+                per_layer.append((layer, res.evaluations, round(time.perf_counter() - tl, 1)))
                 lvs.append(float(prompt_scores(res.eps_star, 0.001, 0.5).mean()))
         if name != "naive" and cfg.warm_start:
             lvs = lvs[::-1]  # swept deepest first
