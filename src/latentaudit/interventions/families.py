@@ -200,7 +200,7 @@ class PGD(Family):
         best_loss = torch.full((b,), float("inf"), device=h.device)
         last_loss = torch.full((b,), float("inf"), device=h.device)
         opt = torch.optim.Adam([u], lr=float(p["step_size"])) if p["optimizer"] == "adam" else None
-        early = bool(p.get("early_stop", False))
+        early = bool(p["early_stop"])
         act = torch.arange(b, device=h.device)  # rows still attacked
         run = runner
         trace = []
