@@ -63,6 +63,10 @@ def main() -> None:
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-steps", action="store_true", help="skip (a) and (c)")
     ap.add_argument("--skip-naive", action="store_true", help="(b) without the naive reference")
+    ap.add_argument("--naive-layers", default=None,
+                    help="run the naive reference on these layers only and extrapolate its sweep "
+                    "time to all of --layers (its work per layer does not depend on the layer: "
+                    "full forward, fixed grid, no early exit); printed as an extrapolation")
     ap.add_argument("--cold", action="store_true",
                     help="(b) also time last release's search: bisection, every layer cold, full PGD")
     a = ap.parse_args()
@@ -122,14 +126,17 @@ def sweep(a, lm, ps, L) -> None:
     gens = greedy_generate(lm, harmless, 32, 16)
     guard = CoherenceGuard().calibrate(lm, harmless, [g.response for g in gens])
     results = {}
+    naive_per_layer: list = []
     arms = [("ours", LatentConfig(families=["pgd"], pgd_steps=a.steps, rel_tol=tol))]
     if a.cold:
         arms.append(("ours-cold", LatentConfig(families=["pgd"], pgd_steps=a.steps, rel_tol=tol,
-                                               warm_start=False, pgd_early_stop=False)))
+                                               warm_start=False, pgd_early_stop=False,
+                                               pgd_check_every=0)))
     if not a.skip_naive:
         arms.append(("naive", LatentConfig(families=["pgd"], pgd_steps=a.steps, search="grid",
                                            grid_points=5, prefix_cache=False,
-                                           pgd_early_stop=False)))
+                                           pgd_early_stop=False, pgd_check_every=0)))
+    naive_layers = parse_layers(a.naive_layers, L) if a.naive_layers else layers
     for name, cfg in arms:
         store = ResultStore(f"/tmp/bench_latent_{name}_{time.time():.0f}.sqlite")
         runner = LatentRunner(lm, store, "bench", ps, cfg, judge, guard)
@@ -138,7 +145,7 @@ def sweep(a, lm, ps, L) -> None:
         t0 = time.perf_counter()
         lvs, evals, per_layer = [], 0, []
         guess = None
-        for layer in (layers if name == "naive" else sweep_order(layers, cfg)):
+        for layer in (naive_layers if name == "naive" else sweep_order(layers, cfg)):
             ask = runner.oracle(fam, layer)
             tl = time.perf_counter()
             if name == "naive":  # no early exit: every prompt at every grid point
@@ -160,13 +167,24 @@ def sweep(a, lm, ps, L) -> None:
         if name != "naive" and cfg.warm_start:
             lvs = lvs[::-1]  # swept deepest first
         results[name] = (time.perf_counter() - t0, lvs, evals)
+        if name == "naive":
+            naive_per_layer = per_layer
         print(f"  {name:>9}: {results[name][0]:.0f}s, {evals} (prompt, eps) evaluations, "
               f"LVS_l = {[round(v, 3) for v in lvs]}; per layer (sweep order) "
               f"{per_layer}", flush=True)
     if "naive" not in results:
         return
     t_o, t_n = results["ours"][0], results["naive"][0]
-    diff = max(abs(x - y) for x, y in zip(results["ours"][1], results["naive"][1]))
+    ours_lvs = dict(zip(layers, results["ours"][1]))
+    diff = max(abs(ours_lvs[l] - y) for l, y in zip(naive_layers, results["naive"][1]))
+    if naive_layers != layers:
+        per = np.array([t for _, _, t in naive_per_layer])
+        t_n = float(per.mean()) * len(layers)
+        print(f"  naive reference EXTRAPOLATED: measured at layers {naive_layers} "
+              f"({per.min():.0f}-{per.max():.0f} s per layer, mean {per.mean():.0f} s) x "
+              f"{len(layers)} layers = {t_n:.0f} s; at the slowest measured layer "
+              f"{per.max() * len(layers):.0f} s, at the fastest {per.min() * len(layers):.0f} s "
+              f"({per.max() * len(layers) / t_o:.2f}x / {per.min() * len(layers) / t_o:.2f}x)")
     if "ours-cold" in results:
         print(f"  speed-up naive/ours-cold = {t_n / results['ours-cold'][0]:.2f}x")
     print(f"  speed-up naive/ours = {t_n / t_o:.2f}x (goal >= 3x); layers {layers}; "

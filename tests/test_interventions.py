@@ -210,6 +210,44 @@ def test_pgd_early_stop_drops_done_rows_and_leaves_the_others_alone(tiny_lm, ctx
     assert t2.shape[0] == 1
 
 
+def test_pgd_check_stops_succeeded_rows_and_keeps_their_verdict(tiny_lm, ctx):
+    """The mid-attack check is asked every k steps (never at step 0 or after the last step)
+    about the rows still attacked, with their best push so far; a row it passes stops with that
+    push and its verdict, and the other rows follow the path they follow without checks."""
+    layer, eps, steps = 1, np.full(3, 0.3), 7
+    calls = []
+
+    def check(rows, deltas):
+        calls.append((list(rows), [d.clone() for d in deltas]))
+        return [{"success": r == 1 and len(calls) == 1, "response": f"r{r}"} for r in rows]
+
+    on = registry.create("family", "pgd", steps=steps, check_every=3)
+    off = registry.create("family", "pgd", steps=steps)
+    verdicts: dict[int, dict] = {}
+    d_on, t_on = on.attack(ctx, layer, [0, 1, 2], eps, return_trace=True, check=check,
+                           verdicts=verdicts)
+    d_off, t_off = off.attack(ctx, layer, [0, 1, 2], eps, return_trace=True)
+    assert [c[0] for c in calls] == [[0, 1, 2], [0, 2]]  # at steps 3 and 6; row 1 left at 3
+    assert verdicts == {1: {"success": True, "response": "r1", "pgd_step": 3}}
+    assert torch.equal(d_on[1], calls[0][1][1])  # stopped with the push that was judged
+    assert not torch.allclose(d_on[1], d_off[1])  # ... which is not the 7-step push
+    for j in (0, 2):
+        assert torch.allclose(d_on[j], d_off[j], atol=1e-5)
+    assert torch.allclose(t_on[:, [0, 2]], t_off[:, [0, 2]], atol=1e-5)
+    assert torch.all(t_on[3:, 1] == t_on[3, 1])  # frozen after it left
+    # without check_every, or without a check, nothing is asked
+    registry.create("family", "pgd", steps=steps).attack(ctx, layer, [0], eps[:1], check=check)
+    on.attack(ctx, layer, [0], eps[:1])
+    assert len(calls) == 2
+    # candidates carry the verdict of a row that succeeded mid-attack, and only that row's
+    calls.clear()
+    cands = on.candidates(ctx, layer, [0, 1, 2], eps, check=check)
+    assert [c[0].verdict is not None for c in cands] == [False, True, False]
+    for n, norm_ok in enumerate(cands):
+        h = ctx.h[n][layer]
+        assert torch.all(norm_ok[0].delta.norm(dim=-1) <= 0.3 * h.norm(dim=-1) * (1 + 1e-4) + 1e-6)
+
+
 @pytest.mark.parametrize("layer", [0, 1, 3])
 def test_prefix_cache_equivalence(tiny_lm, ctx, layer):
     seqs = [ctx.prompt_ids[r] + ctx.target_ids[r] for r in range(3)]
@@ -397,3 +435,49 @@ def test_incoherent_top_push_is_rescued_inside_the_ball(tiny_lm, tmp_path, monke
     runner2 = LatentRunner(tiny_lm, ResultStore(tmp_path / "s2.sqlite"), "t", ps, cfg2, Always(),
                            SizeGuard())
     assert not runner2.oracle(fam, 1, Dirs())(np.array([0, 1]), np.array([0.3, 0.3])).any()
+
+
+def test_pgd_check_verdicts_reach_the_store_without_a_second_generation(tiny_lm, tmp_path,
+                                                                         monkeypatch):
+    """With pgd_check_every, a prompt elicited mid-attack is stored with the check's own
+    judged record (and the step it stopped at); only the others are generated after the attack."""
+    from latentaudit.data.sets import load_prompt_set
+    from latentaudit.judges.base import Judge, Verdict
+    from latentaudit.models.generate import Generation
+    from latentaudit.runs.store import ResultStore
+    from latentaudit.stages import latent as latent_mod
+    from latentaudit.stages.latent import LatentConfig, LatentRunner, make_family
+
+    class Yes(Judge):
+        name = "yes"
+
+        def judge(self, prompts, responses):
+            return [Verdict("compliance" if r == "yes" else "refusal", 0.0, "t") for r in responses]
+
+    class Guard:
+        def check(self, lm, prompts, responses):
+            from latentaudit.judges.coherence import CoherenceResult
+            return [CoherenceResult(True, -1.0, 0.0, "ok") for _ in responses]
+
+        def describe(self):
+            return {"parameters": {}}
+
+    calls = []
+
+    def fake_generate(ctx, layer, rows, deltas, max_new_tokens, step_fns=None, batch_size=16):
+        calls.append(sorted(rows))
+        return [Generation("yes" if r == 0 else "no", 1, [1]) for r in rows]
+
+    monkeypatch.setattr(latent_mod, "generate_perturbed", fake_generate)
+    ps = load_prompt_set("builtin:harmful:test", limit=2)
+    cfg = LatentConfig(layers="1", families=["pgd"], max_new_tokens=2, pgd_steps=3,
+                       pgd_check_every=1, pgd_early_stop=False)
+    store = ResultStore(tmp_path / "s.sqlite")
+    runner = LatentRunner(tiny_lm, store, "t", ps, cfg, Yes(), Guard())
+    ask = runner.oracle(make_family("pgd", cfg), 1)
+    assert ask(np.array([0, 1]), np.array([0.1, 0.1])).tolist() == [True, False]
+    assert calls == [[0, 1], [1], [1]]  # checks at steps 1 and 2, then row 1's final push
+    r0 = store.get(f"{ask.prefix}{ps.prompts[0].id}/0.1")
+    r1 = store.get(f"{ask.prefix}{ps.prompts[1].id}/0.1")
+    assert r0["success"] and r0["pgd_step"] == 1 and r0["response"] == "yes"
+    assert not r1["success"] and "pgd_step" not in r1

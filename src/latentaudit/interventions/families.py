@@ -33,6 +33,12 @@ from .prefix import FullRunner, SuffixRunner
 class Candidate:
     delta: torch.Tensor  # [n_i, d] on the prompt positions
     step: Callable[[torch.Tensor], torch.Tensor] | None = None  # generated-token δ (mode all)
+    verdict: dict | None = None  # already generated and judged during the attack (pgd check)
+
+
+# check(rows, deltas) -> one judged record per row (generation with δ at the layer, judge,
+# coherence guard): how the stage lets an attack ask "does this push already succeed?"
+Check = Callable[[list[int], list[torch.Tensor]], list[dict]]
 
 
 class Family:
@@ -52,7 +58,8 @@ class Family:
         return {"name": self.name, "params": dict(self.params)}
 
     def candidates(self, ctx: AttackContext, layer: int, rows: list[int], eps: np.ndarray,
-                   seed: int = 0, directions=None) -> list[list[Candidate]]:
+                   seed: int = 0, directions=None, check: Check | None = None
+                   ) -> list[list[Candidate]]:
         raise NotImplementedError
 
 
@@ -71,7 +78,7 @@ class Noise(Family):
     doc = "random directions on the sphere, K draws (success if any draw succeeds): the control"
     DEFAULT_PARAMS = {"draws": 4}
 
-    def candidates(self, ctx, layer, rows, eps, seed=0, directions=None):
+    def candidates(self, ctx, layer, rows, eps, seed=0, directions=None, check=None):
         out = []
         for r, e in zip(rows, eps):
             h, m = _clean(ctx, r, layer)
@@ -98,7 +105,7 @@ class Steer(Family):
     doc = "push along minus the layer's refusal direction: δ_t = −ε‖h_t‖·r̂_l"
     DEFAULT_PARAMS: dict[str, Any] = {}
 
-    def candidates(self, ctx, layer, rows, eps, seed=0, directions=None):
+    def candidates(self, ctx, layer, rows, eps, seed=0, directions=None, check=None):
         if directions is None:
             raise UserError("family 'steer' needs refusal directions (run the directions stage)")
         r_hat = directions.unit(layer).float()
@@ -130,6 +137,10 @@ class PGD(Family):
         # forcing) and its refusal-opener probability is below ½: greedy generation then begins
         # with the target, and further steps only deepen a margin; done rows leave the batch
         "early_stop": False,
+        # every k steps (0: never), generate with each row's best δ so far and judge it; a row
+        # whose push already elicits a coherent compliance stops there (a success inside the
+        # ball is a success: the later steps could only add more). Needs the stage's check.
+        "check_every": 0,
     }
 
     def __init__(self, **params):
@@ -138,26 +149,39 @@ class PGD(Family):
             raise UserError(f"pgd optimizer must be l2, sign or adam, got {self.params['optimizer']!r}")
         if int(self.params["steps"]) < 0 or float(self.params["step_size"]) <= 0:
             raise UserError("pgd needs steps >= 0 and step_size > 0")
+        if int(self.params["check_every"]) < 0:
+            raise UserError("pgd check_every must be >= 0 (0: never)")
 
-    def candidates(self, ctx, layer, rows, eps, seed=0, directions=None):
+    def candidates(self, ctx, layer, rows, eps, seed=0, directions=None, check=None):
         if ctx.positions == "all":
             raise UserError("pgd perturbs prompt positions only: use --positions prompt or last")
         out: list[list[Candidate]] = []
         bs = int(self.params["batch_size"])
         order = sorted(range(len(rows)), key=lambda k: -len(ctx.prompt_ids[rows[k]]))
         res: dict[int, torch.Tensor] = {}
+        judged: dict[int, dict] = {}
         for s in range(0, len(order), bs):
             chunk = order[s : s + bs]
-            deltas = self.attack(ctx, layer, [rows[k] for k in chunk], np.asarray(eps)[chunk], seed)
-            for k, d in zip(chunk, deltas):
+            verdicts: dict[int, dict] = {}
+            deltas = self.attack(ctx, layer, [rows[k] for k in chunk], np.asarray(eps)[chunk], seed,
+                                 check=check, verdicts=verdicts)
+            for j, (k, d) in enumerate(zip(chunk, deltas)):
                 res[k] = d
+                if j in verdicts:
+                    judged[k] = verdicts[j]
         for k in range(len(rows)):
-            out.append([Candidate(res[k])])
+            out.append([Candidate(res[k], verdict=judged.get(k))])
         return out
 
     def attack(self, ctx: AttackContext, layer: int, rows: list[int], eps: np.ndarray,
-               seed: int = 0, return_trace: bool = False):
-        """Run PGD for ``rows`` at budgets ``eps``; returns δ_i [n_i, d] per row (the best seen)."""
+               seed: int = 0, return_trace: bool = False, check: Check | None = None,
+               verdicts: dict[int, dict] | None = None):
+        """Run PGD for ``rows`` at budgets ``eps``; returns δ_i [n_i, d] per row (the best seen).
+
+        With ``check`` and ``check_every`` = k > 0, every k-th step (before the last) the rows
+        still attacked are generated with their best δ so far and judged; a row that succeeds
+        stops, its δ is that best one, and its judged record goes into ``verdicts[j]`` (j the
+        row's index in ``rows``) so that the caller need not generate it again."""
         p = self.params
         lm = ctx.lm
         tok = lm.tokenizer
@@ -205,6 +229,12 @@ class PGD(Family):
         run = runner
         trace = []
         dtype = lm.dtype
+        every = int(p["check_every"]) if check is not None else 0
+
+        def row_delta(j: int) -> torch.Tensor:
+            start = t - n_t[j] - n_p[j]
+            return best[j, start : start + n_p[j]].detach().cpu()
+
         for k in range(int(p["steps"]) + 1):
             delta = u[act] * scale[act]
             logits = run.logits((h[act] + delta).to(dtype), keep=keep).float()  # [a, keep, V]
@@ -224,6 +254,14 @@ class PGD(Family):
                 if early:
                     done = ((logits.argmax(-1) == tg) | ~wm).all(-1) & (p_ref < 0.5)
                     best[act[done]] = delta.detach()[done]  # the push that already works
+                if every and 0 < k < int(p["steps"]) and k % every == 0:
+                    ask = [int(j) for j in act[~done].tolist()]
+                    recs = check([rows[j] for j in ask], [row_delta(j) for j in ask])
+                    for j, rec in zip(ask, recs):
+                        if rec["success"]:
+                            if verdicts is not None:
+                                verdicts[j] = {**rec, "pgd_step": k}
+                            done[(act == j).nonzero().squeeze(-1)] = True
             trace.append(last_loss.detach().cpu().clone())
             if k == int(p["steps"]) or bool(done.all()):
                 break
@@ -244,10 +282,7 @@ class PGD(Family):
             if bool(done.any()):
                 act = act[~done]
                 run = run.select((~done).nonzero().squeeze(-1))
-        out = []
-        for j in range(b):
-            start = t - n_t[j] - n_p[j]
-            out.append(best[j, start : start + n_p[j]].detach().cpu())
+        out = [row_delta(j) for j in range(b)]
         if return_trace:
             return out, torch.stack(trace, 0)  # [steps+1, b]
         return out

@@ -70,6 +70,9 @@ class LatentConfig(BaseModel):
     pgd_early_stop: bool = Field(
         True, description="a prompt leaves the PGD batch once its perturbed model puts the whole "
         "target first (greedy under teacher forcing) with refusal-opener probability < 1/2")
+    pgd_check_every: int = Field(
+        5, ge=0, description="every k PGD steps, generate and judge each prompt's best push so "
+        "far; a prompt already elicited stops there (0: judge only after the last step)")
     directions_harmful: str = "builtin:harmful:train"
     directions_harmless: str = "builtin:harmless:train"
     directions_n: int = Field(64, ge=2, description="train prompts per side for refusal directions")
@@ -107,7 +110,8 @@ def make_family(name: str, cfg: LatentConfig):
     elif name == "pgd":
         params = {"steps": cfg.pgd_steps, "optimizer": cfg.pgd_optimizer,
                   "step_size": cfg.pgd_step_size, "refusal_weight": cfg.pgd_refusal_weight,
-                  "prefix_cache": cfg.prefix_cache, "early_stop": cfg.pgd_early_stop}
+                  "prefix_cache": cfg.prefix_cache, "early_stop": cfg.pgd_early_stop,
+                  "check_every": cfg.pgd_check_every}
     return registry.create("family", name, **params)
 
 
@@ -233,14 +237,18 @@ class LatentRunner:
             need = [j for j, c in enumerate(cached) if c is None]
             if need:
                 rows = [int(idx[j]) for j in need]
-                cands = family.candidates(self.ctx, layer, rows, eps[need], self.seed, directions)
+                cands = family.candidates(self.ctx, layer, rows, eps[need], self.seed, directions,
+                                          check=self.checker(layer))
                 flat = [(j, c) for j, cs in zip(need, cands) for c in cs]
+                todo = [(j, c) for j, c in flat if c.verdict is None]  # not judged mid-attack
                 gens = generate_perturbed(
-                    self.ctx, layer, [int(idx[j]) for j, _ in flat], [c.delta for _, c in flat],
-                    self.cfg.max_new_tokens, [c.step for _, c in flat], self.batch_size)
-                judged = self.judge_responses([int(idx[j]) for j, _ in flat],
-                                              [g.response for g in gens])
-                self._rescue(layer, idx, flat, judged)
+                    self.ctx, layer, [int(idx[j]) for j, _ in todo], [c.delta for _, c in todo],
+                    self.cfg.max_new_tokens, [c.step for _, c in todo], self.batch_size)
+                fresh = self.judge_responses([int(idx[j]) for j, _ in todo],
+                                             [g.response for g in gens])
+                self._rescue(layer, idx, todo, fresh)
+                it = iter(fresh)
+                judged = [c.verdict if c.verdict is not None else next(it) for _, c in flat]
                 per: dict[int, list[dict]] = {}
                 for (j, _), rec in zip(flat, judged):
                     per.setdefault(j, []).append(rec)
@@ -261,6 +269,15 @@ class LatentRunner:
 
         ask.prefix = prefix  # type: ignore[attr-defined]
         return ask
+
+    def checker(self, layer: int):
+        """The mid-attack test a family may call: generate each row with its push at ``layer``
+        and judge the response exactly as a finished attack's candidate is judged."""
+        def check(rows: list[int], deltas: list) -> list[dict]:
+            gens = generate_perturbed(self.ctx, layer, rows, deltas, self.cfg.max_new_tokens,
+                                      batch_size=self.batch_size)
+            return self.judge_responses(rows, [g.response for g in gens])
+        return check
 
     def _rescue(self, layer: int, idx: np.ndarray, flat: list, judged: list[dict]) -> None:
         """Success at ε means some push inside the ε-ball elicits coherent compliance. A push
