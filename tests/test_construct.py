@@ -314,3 +314,56 @@ def test_token_nll_with_a_trimmed_head_equals_the_full_computation(family):
     for k, v in model.named_parameters():
         if v.grad is not None:
             assert torch.allclose(got[k], v.grad, atol=1e-5), k
+
+
+def test_quiet_direction_is_the_least_varied_one(tiny_lm):
+    """The planted push's direction: unit norm, and the clean (norm-scaled) states vary less
+    along it than along any of many random directions."""
+    from latentaudit.construct.train import quiet_directions
+    from latentaudit.data.sets import load_prompt_set
+    from latentaudit.interventions.context import build_context
+
+    prompts = load_prompt_set("builtin:harmful:train", limit=12).texts
+    dirs, spread = quiet_directions(tiny_lm, prompts, [1, 2])
+    ctx = build_context(tiny_lm, prompts, [None] * len(prompts))
+    g = torch.Generator().manual_seed(0)
+    for layer in (1, 2):
+        v = dirs[layer]
+        assert abs(float(v.norm()) - 1) < 1e-5
+        x = torch.cat([ctx.h[i][layer][ctx.masks[i][layer]] for i in range(len(prompts))])
+        x = x / x.norm(dim=-1, keepdim=True)
+        std = lambda u: float((x @ u).std())
+        assert std(v) == pytest.approx(spread[layer], rel=0.05, abs=1e-6)
+        rand = torch.randn(200, v.numel(), generator=g)
+        rand = rand / rand.norm(dim=-1, keepdim=True)
+        assert std(v) <= min(std(u) for u in rand) + 1e-6
+
+
+def test_planted_push_trains_along_its_direction(monkeypatch, tiny_lm, tmp_path):
+    """push=planted: the pushed term's δ is ε‖h_t‖·v̂ on the attackable prompt positions (no
+    inner PGD), and the build records each layer's spread along v̂."""
+    from latentaudit.construct import train as train_mod
+
+    seen = []
+    real = train_mod.perturb_block
+
+    def spy(block, delta, *a, **k):
+        seen.append(delta.clone())
+        return real(block, delta, *a, **k)
+
+    monkeypatch.setattr(train_mod, "perturb_block", spy)
+    monkeypatch.setattr(train_mod.PGD, "attack", lambda *a, **k: pytest.fail("PGD was run"))
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    out = construct("dissociated", "tiny:llama", tmp_path / "d",
+                    {**PUSHED, "paired": True, "push": "planted", "eps_range": [0.01, 0.02]},
+                    data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
+    meta = json.loads((out / "latentaudit_recipe.json").read_text())
+    assert set(meta["details"]["data"]["planted_spread"]) == {"1", "2"}
+    assert seen
+    for d in seen:
+        rows = d.reshape(-1, d.shape[-1])
+        rows = rows[rows.norm(dim=-1) > 0]
+        assert len(rows)
+        unit = rows / rows.norm(dim=-1, keepdim=True)
+        # every pushed position points the same way (the layer's v̂)
+        assert torch.allclose(unit @ unit[0], torch.ones(len(unit)), atol=1e-4)

@@ -87,7 +87,8 @@ class Recipe:
         if p.get("paired") and "harmful_batch" in given:
             raise UserError("harmful_batch has no effect with paired=True (the clean refusal "
                             "term takes perturbed_batch); set paired=false or drop harmful_batch")
-        choices = {"push_objective": ("completion", "generic"), "retain_from": ("source", "data")}
+        choices = {"push_objective": ("completion", "generic"), "retain_from": ("source", "data"),
+                   "push": ("pgd", "planted")}
         for key, allowed in choices.items():
             if key in p and p[key] not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)} (got {p[key]!r})")
@@ -250,7 +251,11 @@ class _PushedRecipe(Recipe):
               "push_tokens": None,
               # clean refusal and the pushed term on the same prompts in the same step (the
               # clean term then takes perturbed_batch; harmful_batch is unused)
-              "paired": False}
+              "paired": False,
+              # the training push: "pgd" (toward the term's adversarial target, found on the
+              # fly) or "planted" (a fixed push along each layer's quietest direction of the
+              # clean residual stream; no inner attack)
+              "push": "pgd"}
 
     def pushed_term(self, h_tr, comp_p: list[str], comp_t: list[str], perturb: Perturb) -> Term:
         raise NotImplementedError
@@ -270,9 +275,15 @@ class _PushedRecipe(Recipe):
             comp_t = [tok.decode(tok.encode(c, add_special_tokens=False)[: int(p["push_tokens"])])
                       for c in comp_t]
         layers = self.layers(lm.n_layers)
+        planted, spread = None, None
+        if p["push"] == "planted":
+            from .train import quiet_directions
+
+            probe = [x.text for x in h_tr[:64]] + retain[0].texts[:64]
+            planted, spread = quiet_directions(lm, probe, layers)
         perturb = Perturb(layers, tuple(p["eps_range"]), p["pgd_steps"],
                           objective=p["push_objective"],
-                          refusal_weight=float(p["push_refusal_weight"]))
+                          refusal_weight=float(p["push_refusal_weight"]), planted=planted)
         pushed = self.pushed_term(h_tr, comp_p, comp_t, perturb)
         if p["paired"]:  # clean refusal on exactly the pushed term's prompts, same batches
             by_text = {x.text: x for x in h_tr}
@@ -289,7 +300,9 @@ class _PushedRecipe(Recipe):
                           p["eval_every"], None, env.progress)
         return {**res, "data": {"harmful_completions": len(comp_p), "dropped_refusals": dropped,
                                 "retain_examples": {t.name: len(t.prompts) for t in terms[2:]},
-                                "layers": layers}}
+                                "layers": layers,
+                                **({"planted_spread": {str(k): round(v, 6) for k, v in spread.items()}}
+                                   if spread else {})}}
 
 
 @register("recipe")

@@ -36,6 +36,10 @@ class Perturb:
     # "generic" = the latent audit's own affirmative target ("Sure, here is ...")
     objective: str = "completion"
     refusal_weight: float = 0.0  # + weight × −log(1 − p(refusal opener)), as the audit's pgd
+    # a fixed unit direction per layer instead of PGD: δ_t = ε‖h_t‖·v̂_l on the prompt positions
+    # (a planted fragility: the model learns to answer a push along v̂_l, which the audit's PGD
+    # has to find on its own)
+    planted: dict[int, torch.Tensor] | None = None
 
 
 @dataclass
@@ -62,6 +66,24 @@ class Term:
     pair_with: str | None = None
     examples: list[Example] = field(default_factory=list)
     contrast_examples: list[Example] = field(default_factory=list)
+
+
+def quiet_directions(lm: LoadedModel, prompts: list[str], layers: list[int]
+                     ) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """Per layer, the unit direction along which the clean residual stream varies least over
+    ``prompts`` (all attackable prompt positions, each state scaled to unit norm): the last
+    eigenvector of their covariance. Returns the directions and, per layer, the standard
+    deviation along it relative to the norm (how small a push stands out there)."""
+    ctx = build_context(lm, prompts, [None] * len(prompts))
+    dirs, spread = {}, {}
+    for layer in layers:
+        x = torch.cat([ctx.h[i][layer][ctx.masks[i][layer]] for i in range(len(prompts))])
+        x = (x / x.norm(dim=-1, keepdim=True)).double()
+        cov = torch.cov(x.T)
+        vals, vecs = torch.linalg.eigh(cov)
+        dirs[layer] = vecs[:, 0].float().contiguous()
+        spread[layer] = float(vals[0].clamp(min=0).sqrt())
+    return dirs, spread
 
 
 def lora_targets(model) -> list[str]:
@@ -175,8 +197,13 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torc
     adv = t.adv_targets or t.targets
     goals = [None if pz.objective == "generic" else adv[i] for i in idx]  # None: generic target
     ctx = build_context(lm, [t.prompts[i] for i in idx], goals)
-    pgd = PGD(steps=pz.pgd_steps, step_size=pz.step_size, refusal_weight=pz.refusal_weight)
-    deltas = pgd.attack(ctx, layer, list(range(len(idx))), eps, seed)
+    if pz.planted is not None:
+        v = pz.planted[layer].float()
+        deltas = [float(e) * ctx.h[j][layer].norm(dim=-1, keepdim=True) * v
+                  * ctx.masks[j][layer][:, None] for j, e in enumerate(eps)]
+    else:
+        pgd = PGD(steps=pz.pgd_steps, step_size=pz.step_size, refusal_weight=pz.refusal_weight)
+        deltas = pgd.attack(ctx, layer, list(range(len(idx))), eps, seed)
     T = batch["input_ids"].shape[1]
     full = torch.zeros((len(idx), T, lm.parts.hidden_size))
     for j, (e, d) in enumerate(zip(ex, deltas)):

@@ -70,6 +70,10 @@ class LatentConfig(BaseModel):
     pgd_early_stop: bool = Field(
         True, description="a prompt leaves the PGD batch once its perturbed model puts the whole "
         "target first (greedy under teacher forcing) with refusal-opener probability < 1/2")
+    # 5 from a measurement (safe SmolLM2, 13 prompts, layers 12 and 24, ε 0.003-0.012): of the
+    # 10-step attack's successes all but one (step 8) were already there at step 5; one check
+    # costs what 2-3 PGD steps cost (a generation of max_new_tokens), and the success sets were
+    # the same with and without checks
     pgd_check_every: int = Field(
         5, ge=0, description="every k PGD steps, generate and judge each prompt's best push so "
         "far; a prompt already elicited stops there (0: judge only after the last step)")
