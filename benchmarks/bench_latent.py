@@ -13,15 +13,19 @@
 
     .venv/bin/python benchmarks/bench_latent.py --model zoo/safe --n 16 --layers every:6
 
-Measured on the 2-core CPU (SmolLM2 `safe`, 16 prompts, layers 0, 6, 12, 18, 24):
-(a) 1.15× / 1.45× / 2.19× at 25/50/75 % depth (ideal 1.36 / 2.00 / 4.29); (c) 2.05;
-(b) 2.31× (ours 669 s, 200 evaluations; naive 1549 s, 325): the warm start took the search from
-364 evaluations (cold bisection, 1.19×, the release before) to 200 — 5 per prompt at the first
-(cold) layer, 1.8–3.5 at the others, whose guesses come from a layer 6 deeper. PGD early stop
-saved nothing here (676 s without it): the pushed model's compliant phrasing is not the
-AdvBench target verbatim, so the whole-target test never passed. With adjacent layers
-(`--layers 10-19 --skip-naive`) the warm layers cost 2.16 evaluations per prompt (76–134 s per
-layer against the naive reference's 310 s).
+Measured on the 2-core CPU (SmolLM2 `safe`, 16 prompts):
+(a) 1.15× / 1.45× / 2.19× at 25/50/75 % depth (ideal 1.36 / 2.00 / 4.29); (c) 2.05.
+(b) every layer (`--layers all --naive-layers 0,7,14,21,29`): ours 2982 s for all 30 layers,
+852 evaluations (61 at the cold first layer, 24-36 at each warm one: 2.2 per prompt); naive
+measured at 5 layers, 226-383 s per layer (falling with depth: more rescue generations at
+shallow layers), extrapolated to 30 layers: 8984 s from the mean (3.01×) or 8902 s by linear
+interpolation between the measured layers (2.99×) — at the 3× goal, not clearly above it.
+LVS at the 5 shared layers within 0.078 of naive's (resolution bound 0.25). The mid-attack
+check (`check_every` 5) caught 381 of the 402 successes at step 5 but saved only a few per
+cent per layer: one check costs a generation (~0.7 s per row, 2-3 PGD steps) for every row
+still attacked, failures included.
+Earlier, 5 layers (every:6): 2.31× (ours 669 s, 200 evaluations; naive 1549 s, 325); cold
+bisection without warm start 1.19×.
 """
 
 from __future__ import annotations
