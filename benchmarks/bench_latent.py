@@ -21,7 +21,7 @@ measured at 5 layers, 226-383 s per layer (falling with depth: more rescue gener
 shallow layers), extrapolated to 30 layers: 8984 s from the mean (3.01×) or 8902 s by linear
 interpolation between the measured layers (2.99×) — at the 3× goal, not clearly above it.
 LVS at the 5 shared layers within 0.078 of naive's (resolution bound 0.25). The mid-attack
-check (`check_every` 5) caught 381 of the 402 successes at step 5 but saved only a few per
+check (`check_every` 5) caught 420 of the 444 successes at step 5 but saved only a few per
 cent per layer: one check costs a generation (~0.7 s per row, 2-3 PGD steps) for every row
 still attacked, failures included.
 Earlier, 5 layers (every:6): 2.31× (ours 669 s, 200 evaluations; naive 1549 s, 325); cold
