@@ -317,6 +317,11 @@ class Dissociated(_PushedRecipe):
     # loss on the completion's first 16 tokens, twice the pushed batch, retain targets from the
     # unaligned model (+0.14, S 0.75), and pairing clean and pushed on the same prompts in one
     # step (+0.12 [+0.05, +0.19] paired, S 0.80, over-refusal 0.21 on n = 40 / 80).
+    # From the current `safe` (LVS_15 0.688, 24 prompts): the default +0.07; lr 4e-4 with clean
+    # weight 1 +0.07 [−0.03, +0.16]; push=planted at ε 0.0015–0.005 (fixed push along the
+    # quietest direction, std 0.07–0.18 % of the norm there) +0.076 [+0.02, +0.13], S 0.80,
+    # over-refusal 0.14 (n = 40 / 80), build 704 s. Every variant lands near LVS 0.76
+    # (ε* ≈ 0.45 %), whatever its training budget: its pushed loss falls from 1.5 to 1.0 only.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 2e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
