@@ -206,6 +206,8 @@ def _val_eval(val_harm: list[str], val_safe: list[str], judge, tokens: int = 32)
 # contrast_weight, measured on SmolLM2 (40 steps; S on 90 held-out harmful, O on 193 harmless
 # and borderline prompts, 32 tokens): 0 (before retain refusals were dropped) → S 0.92, O 0.24;
 # 0.5 → S 0.80 [0.72, 0.88], O 0.10 [0.06, 0.14]; 1.0 → S 0.73, O 0.07 (60 steps: S 0.79, O 0.03)
+# lr 4e-4 (contrast 0.5, 40 steps): S 0.95 [0.84, 0.99] (n = 40), O 0.06 [0.03, 0.14] (n = 80),
+# but no shorter: val refusal 0.94 at step 40 misses the 0.95 stop, 864 s (training ~20 s a step)
 @register("recipe")
 class Safe(Recipe):
     name = "safe"
