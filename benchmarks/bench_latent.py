@@ -69,8 +69,9 @@ def main() -> None:
     ap.add_argument("--skip-naive", action="store_true", help="(b) without the naive reference")
     ap.add_argument("--naive-layers", default=None,
                     help="run the naive reference on these layers only and extrapolate its sweep "
-                    "time to all of --layers (its work per layer does not depend on the layer: "
-                    "full forward, fixed grid, no early exit); printed as an extrapolation")
+                    "time to all of --layers (it makes the same evaluations at every layer: full "
+                    "forward, fixed grid, no early exit; its time still varies with depth, so "
+                    "spread the layers out); printed as an extrapolation with its range")
     ap.add_argument("--cold", action="store_true",
                     help="(b) also time last release's search: bisection, every layer cold, full PGD")
     a = ap.parse_args()
