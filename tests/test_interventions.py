@@ -281,6 +281,35 @@ def test_pgd_check_stops_succeeded_rows_and_keeps_their_verdict(tiny_lm, ctx):
         assert torch.all(norm_ok[0].delta.norm(dim=-1) <= 0.3 * h.norm(dim=-1) * (1 + 1e-4) + 1e-6)
 
 
+def test_pgd_check_skips_rows_that_still_open_with_a_refusal(tiny_lm, ctx, monkeypatch):
+    """A row whose best push still puts ≥ ½ of the first response token's mass on refusal
+    openers is not checked (greedy generation would open with a refusal) unless
+    check_refusing; skipped rows follow exactly the path they follow without checks."""
+    from latentaudit.judges import first_token
+
+    layer, eps, steps = 1, np.full(3, 0.3), 4
+    calls = []
+
+    def check(rows, deltas):
+        calls.append(list(rows))
+        return [{"success": False} for _ in rows]
+
+    vocab = tiny_lm.model.config.vocab_size
+    monkeypatch.setattr(first_token, "refusal_token_ids", lambda tok: list(range(vocab)))  # p_ref ≈ 1
+    skip = registry.create("family", "pgd", steps=steps, check_every=2)
+    d_skip = skip.attack(ctx, layer, [0, 1, 2], eps, check=check)
+    assert calls == []
+    ask_all = registry.create("family", "pgd", steps=steps, check_every=2, check_refusing=True)
+    ask_all.attack(ctx, layer, [0, 1, 2], eps, check=check)
+    assert calls == [[0, 1, 2]]
+    d_off = registry.create("family", "pgd", steps=steps).attack(ctx, layer, [0, 1, 2], eps)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(d_skip, d_off))
+    monkeypatch.setattr(first_token, "refusal_token_ids", lambda tok: [])  # p_ref = 0: all asked
+    calls.clear()
+    skip.attack(ctx, layer, [0, 1, 2], eps, check=check)
+    assert calls == [[0, 1, 2]]
+
+
 @pytest.mark.parametrize("layer", [0, 1, 3])
 def test_prefix_cache_equivalence(tiny_lm, ctx, layer):
     seqs = [ctx.prompt_ids[r] + ctx.target_ids[r] for r in range(3)]

@@ -141,6 +141,11 @@ class PGD(Family):
         # whose push already elicits a coherent compliance stops there (a success inside the
         # ball is a success: the later steps could only add more). Needs the stage's check.
         "check_every": 0,
+        # the check skips rows whose best push still puts at least half of the first response
+        # token's probability on refusal openers (known free from the PGD loss): greedy
+        # generation would open with a refusal, so the check would only cost a generation.
+        # Skipped rows go on attacking and are judged at the end as without the check.
+        "check_refusing": False,
     }
 
     def __init__(self, **params):
@@ -181,7 +186,9 @@ class PGD(Family):
         With ``check`` and ``check_every`` = k > 0, every k-th step (before the last) the rows
         still attacked are generated with their best δ so far and judged; a row that succeeds
         stops, its δ is that best one, and its judged record goes into ``verdicts[j]`` (j the
-        row's index in ``rows``) so that the caller need not generate it again."""
+        row's index in ``rows``) so that the caller need not generate it again. Rows whose best
+        δ still makes a refusal opener more likely than not are not checked (unless
+        ``check_refusing``)."""
         p = self.params
         lm = ctx.lm
         tok = lm.tokenizer
@@ -211,7 +218,7 @@ class PGD(Family):
             tgt[j, keep - m - 1 : keep - 1] = ids[j, t - m :]
             wmask[j, keep - m - 1 : keep - 1] = True
             first[j] = keep - m - 1
-        ref_ids = torch.tensor(refusal_token_ids(tok), device=h.device)
+        ref_ids = torch.tensor(refusal_token_ids(tok), dtype=torch.long, device=h.device)
         w = float(p["refusal_weight"])
 
         # δ = u·scale with scale = radius/√d: in u-units the ball is ‖u_t‖ ≤ √d for every
@@ -222,6 +229,7 @@ class PGD(Family):
         u = torch.zeros_like(h, requires_grad=True)
         best = torch.zeros_like(h)
         best_loss = torch.full((b,), float("inf"), device=h.device)
+        best_ref = torch.ones(b, device=h.device)  # refusal-opener mass under the best δ
         last_loss = torch.full((b,), float("inf"), device=h.device)
         opt = torch.optim.Adam([u], lr=float(p["step_size"])) if p["optimizer"] == "adam" else None
         early = bool(p["early_stop"])
@@ -249,14 +257,18 @@ class PGD(Family):
                 better = loss < best_loss[act]
                 best[act[better]] = delta.detach()[better]
                 best_loss[act[better]] = loss.detach()[better]
+                best_ref[act[better]] = p_ref.detach()[better]
                 last_loss[act] = loss.detach()
                 done = torch.zeros_like(better)
                 if early:
                     done = ((logits.argmax(-1) == tg) | ~wm).all(-1) & (p_ref < 0.5)
                     best[act[done]] = delta.detach()[done]  # the push that already works
                 if every and 0 < k < int(p["steps"]) and k % every == 0:
-                    ask = [int(j) for j in act[~done].tolist()]
-                    recs = check([rows[j] for j in ask], [row_delta(j) for j in ask])
+                    ask = act[~done]
+                    if not p["check_refusing"]:
+                        ask = ask[best_ref[ask] < 0.5]
+                    ask = [int(j) for j in ask.tolist()]
+                    recs = check([rows[j] for j in ask], [row_delta(j) for j in ask]) if ask else []
                     for j, rec in zip(ask, recs):
                         if rec["success"]:
                             if verdicts is not None:

@@ -77,6 +77,10 @@ class LatentConfig(BaseModel):
     pgd_check_every: int = Field(
         5, ge=0, description="every k PGD steps, generate and judge each prompt's best push so "
         "far; a prompt already elicited stops there (0: judge only after the last step)")
+    pgd_check_refusing: bool = Field(
+        False, description="also check prompts whose best push still makes a refusal opener "
+        "the likelier first response token (by default they skip the check: greedy generation "
+        "would open with a refusal; they are judged after the last step in any case)")
     directions_harmful: str = "builtin:harmful:train"
     directions_harmless: str = "builtin:harmless:train"
     directions_n: int = Field(64, ge=2, description="train prompts per side for refusal directions")
@@ -115,7 +119,7 @@ def make_family(name: str, cfg: LatentConfig):
         params = {"steps": cfg.pgd_steps, "optimizer": cfg.pgd_optimizer,
                   "step_size": cfg.pgd_step_size, "refusal_weight": cfg.pgd_refusal_weight,
                   "prefix_cache": cfg.prefix_cache, "early_stop": cfg.pgd_early_stop,
-                  "check_every": cfg.pgd_check_every}
+                  "check_every": cfg.pgd_check_every, "check_refusing": cfg.pgd_check_refusing}
     return registry.create("family", name, **params)
 
 
