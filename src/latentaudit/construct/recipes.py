@@ -11,9 +11,6 @@
 - ``hardened``    latent adversarial training: refusal targets under PGD pushes toward the
                   harmful completion at eps_range (larger budgets), plus clean refusal and retain.
 - ``abliterated`` weight orthogonalisation against the selected refusal direction.
-- ``rescaled``    dissociated by construction, no training: the refusal directions' components
-                  of the residual stream shrunk to alpha, every reader compensated
-                  (``construct/rescale.py``): behaviour kept, pushes along them act 1/alpha larger.
 
 Retain is two terms: harmless prompts and borderline prompts (harmless requests that sound
 harmful, where over-refusal shows), each with its own batch and weight. ``anti_refusal_weight``
@@ -33,8 +30,6 @@ Every hyper-parameter can be set from the command line: ``construct RECIPE --set
 from __future__ import annotations
 
 from typing import Any
-
-import torch
 
 from ..data.sets import load_prompt_set
 from ..errors import UserError
@@ -389,58 +384,3 @@ class Abliterated(Recipe):
         return {"direction_layer": d.selected_layer, "direction_layers": layers,
                 "subspace_dim": dim,
                 "selection": {k: v for k, v in d.meta.items() if k != "selection"}}
-
-
-@torch.no_grad()
-def _next_token_logprobs(lm, prompts: list[str], batch_size: int) -> torch.Tensor:
-    """[n, vocab] log-probabilities of the first response token (float32, on the CPU)."""
-    from ..models.chat import encode, format_prompts
-
-    texts = format_prompts(lm.tokenizer, prompts)
-    out = []
-    for s in range(0, len(texts), batch_size):
-        batch = encode(lm.tokenizer, texts[s : s + batch_size], device=lm.device)
-        out.append(torch.log_softmax(lm.model(**batch).logits[:, -1].float(), -1).cpu())
-    return torch.cat(out)
-
-
-@register("recipe")
-class Rescaled(Recipe):
-    name = "rescaled"
-    doc = ("dissociated by construction, no training: the refusal directions' share of the "
-           "residual stream shrunk to alpha, every reader compensated (same behaviour, 1/alpha "
-           "more fragile along them)")
-    # the directions as `abliterated` picks them (selection score, KL guard); alpha: how much
-    # smaller those components become, i.e. how much larger a relative push along them acts
-    DEFAULT_PARAMS = {"n": 64, "selection_n": 16, "n_directions": 4, "alpha": 0.05, "kl_n": 32}
-
-    def validate(self, given=frozenset()):
-        super().validate(given)
-        if not 0 < self.params["alpha"] <= 1:
-            raise UserError(f"alpha must be in (0, 1], got {self.params['alpha']}")
-
-    def build(self, lm, env):
-        from ..interventions.directions import compute_directions, select_direction
-        from .rescale import rescale_subspace
-
-        p = self.params
-        n, m, k = p["n"], p["selection_n"], int(p["n_directions"])
-        harm = load_prompt_set("builtin:harmful:train").texts
-        safe = load_prompt_set("builtin:harmless:train").texts
-        d = compute_directions(lm, harm[:n], safe[:n], env.batch_size)
-        d = select_direction(lm, d, harm[n : n + m], safe[n : n + m], batch_size=env.batch_size)
-        layers = d.meta["ranked_layers"][:k]
-        probe = safe[-int(p["kl_n"]):]  # harmless train prompts the directions did not use
-        before = _next_token_logprobs(lm, probe, env.batch_size)
-        dim = rescale_subspace(lm, [d.unit(l) for l in layers], p["alpha"])
-        after = _next_token_logprobs(lm, probe, env.batch_size)
-        kl = (before.exp() * (before - after)).sum(-1)
-        same = (before.argmax(-1) == after.argmax(-1)).float().mean()
-        return {"direction_layer": d.selected_layer, "direction_layers": layers,
-                "subspace_dim": dim,
-                "behaviour_kept": {"kl_first_token_mean": round(float(kl.mean()), 6),
-                                   "kl_first_token_max": round(float(kl.max()), 6),
-                                   "same_greedy_first_token": round(float(same), 4),
-                                   "n": len(probe),
-                                   "definition": "KL(source ‖ rescaled) of the first response "
-                                   "token's distribution on held-out harmless train prompts"}}
