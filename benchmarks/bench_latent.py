@@ -24,6 +24,11 @@ LVS at the 5 shared layers within 0.078 of naive's (resolution bound 0.25). The 
 check (`check_every` 5) caught 420 of the 444 successes at step 5 but saved only a few per
 cent per layer: one check costs a generation (~0.7 s per row, 2-3 PGD steps) for every row
 still attacked, failures included.
+Re-run with the check skipping rows whose best push still opens with a refusal (same model,
+prompts, layers; identical LVS and 852 evaluations): ours 3027 s, naive 264-423 s per layer
+(1717 s for 5 layers, 15 % slower than the first run: the naive side varies run to run),
+extrapolated 10304 s (mean, 3.40x) / 10242 s (interpolated, 3.38x). The two runs bracket the
+ratio at 3.0-3.4x; the skip saved 70 s at the cold first layer and nothing measurable elsewhere.
 Earlier, 5 layers (every:6): 2.31× (ours 669 s, 200 evaluations; naive 1549 s, 325); cold
 bisection without warm start 1.19×.
 """
