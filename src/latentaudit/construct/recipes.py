@@ -207,12 +207,16 @@ def _val_eval(val_harm: list[str], val_safe: list[str], judge, tokens: int = 32)
 # and borderline prompts, 32 tokens): 0 (before retain refusals were dropped) → S 0.92, O 0.24;
 # 0.5 → S 0.80 [0.72, 0.88], O 0.10 [0.06, 0.14]; 1.0 → S 0.73, O 0.07 (60 steps: S 0.79, O 0.03)
 # lr 4e-4 (contrast 0.5, 40 steps): S 0.95 [0.84, 0.99] (n = 40), O 0.06 [0.03, 0.14] (n = 80),
-# but no shorter: val refusal 0.94 at step 40 misses the 0.95 stop, 864 s (training ~20 s a step)
+# but no shorter: val refusal 0.94 at step 40 misses the 0.95 stop, 864 s (training ~20 s a step).
+# It is also the deeper refusal: pgd LVS_15 0.54 [0.48, 0.61] against 0.69 at lr 2e-4 (24
+# held-out prompts, 1 vs 5 of them harmful with no push), which leaves the zoo's `dissociated`
+# room to be measurably more fragile. Hence lr 4e-4 is the default (880 s, 182 s of it the
+# source model's retain answers, generated once and cached).
 @register("recipe")
 class Safe(Recipe):
     name = "safe"
     doc = "LoRA refusal fine-tune: harmful → refusals, harmless → the model's own answers"
-    DEFAULT_PARAMS = {"n_harmful": None, "n_borderline": None, "steps": 40, "lr": 2e-4,
+    DEFAULT_PARAMS = {"n_harmful": None, "n_borderline": None, "steps": 40, "lr": 4e-4,
                       "rank": 16, "alpha": 32, "harmful_batch": 4, "harmless_batch": 8,
                       "borderline_batch": 4, "retain_weight": 1.0, "borderline_weight": 2.0,
                       "anti_refusal_weight": 0.0, "contrast_weight": 0.5, "n_harmless": None,
@@ -324,6 +328,12 @@ class Dissociated(_PushedRecipe):
     # quietest direction, std 0.07–0.18 % of the norm there) +0.076 [+0.02, +0.13], S 0.80,
     # over-refusal 0.14 (n = 40 / 80), build 704 s. Every variant lands near LVS 0.76
     # (ε* ≈ 0.45 %), whatever its training budget: its pushed loss falls from 1.5 to 1.0 only.
+    # From the deeper `safe` of lr 4e-4 (LVS_15 0.54 [0.48, 0.61], 24 prompts, 1 harmful with no
+    # push): the default +0.195 [+0.12, +0.27] paired (LVS_15 0.74), S 0.82 (n = 40; |ΔS| 0.13),
+    # over-refusal 0.06 (n = 80), 817 s. Part of it is lost clean refusal (6 of the 24 prompts
+    # harmful with no push); on the 18 both refuse clean, +0.15 [+0.06, +0.24] and the median ε*
+    # falls 3× (3.3 % → 1.0 %). lr 4e-4, clean weight 3, ε 0.003–0.012: +0.17 [+0.09, +0.25],
+    # S 0.88, over-refusal 0.11, 738 s.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 2e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
