@@ -354,10 +354,14 @@ class Hardened(_PushedRecipe):
     # prompts (n = 193). From the current `safe` default, retain targets from the unaligned model
     # and the contrast term (0.5, as `safe`) give over-refusal 0.12 [0.06, 0.17] on harmless
     # (n = 126), S 0.97 [0.92, 1.00] (n = 90), LVS_15 (pgd) 0.52 against safe's 0.69 (paired
-    # −0.17 [−0.23, −0.12], 24 prompts); build 632 s
+    # −0.17 [−0.23, −0.12], 24 prompts); build 632 s.
+    # From the deeper `safe` of lr 4e-4 (S 0.95, LVS_15 0.54): contrast 0.5 gives S 0.97 (n = 40),
+    # over-refusal 0.19 [0.12, 0.29] (n = 80), LVS_15 0.435 (paired −0.107 [−0.15, −0.07]), 470 s;
+    # contrast 1.0 (the default) S 0.97, over-refusal 0.15 [0.09, 0.24], LVS_15 0.477 (paired
+    # −0.065 [−0.107, −0.026]), 477 s: the stronger contrast buys over-refusal with hardening
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 24, "lr": 2e-4, "layers": "frac:0.33-0.67",
                       "eps_range": (0.02, 0.05), "pgd_steps": 3, "retain_from": "data",
-                      "contrast_weight": 0.5}
+                      "contrast_weight": 1.0}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):
         # the push is PGD toward the harmful completion; the target is a refusal
