@@ -367,3 +367,19 @@ def test_planted_push_trains_along_its_direction(monkeypatch, tiny_lm, tmp_path)
         unit = rows / rows.norm(dim=-1, keepdim=True)
         # every pushed position points the same way (the layer's v̂)
         assert torch.allclose(unit @ unit[0], torch.ones(len(unit)), atol=1e-4)
+
+
+def test_lora_blocks_from_push_leaves_earlier_blocks_untouched(tmp_path, monkeypatch):
+    """lora_blocks=from-push: only the first push layer's block and those after it are
+    adapted (blocks before it keep their weights exactly), and the card records which."""
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    kw = dict(data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
+    construct("safe", "tiny:llama", tmp_path / "safe", SMALL, **kw)
+    out = construct("dissociated", str(tmp_path / "safe"), tmp_path / "d",
+                    {**PUSHED, "layers": "2", "paired": True, "lora_blocks": "from-push"}, **kw)
+    before = load_model(str(tmp_path / "safe"), device="cpu").model.state_dict()
+    after = load_model(str(out), device="cpu").model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".layers.2." in k or ".layers.3." in k for k in changed), changed
+    meta = json.loads((out / "latentaudit_recipe.json").read_text())
+    assert meta["details"]["lora"]["blocks"] == [2, 3]

@@ -261,7 +261,21 @@ class _PushedRecipe(Recipe):
               # the training push: "pgd" (toward the term's adversarial target, found on the
               # fly) or "planted" (a fixed push along each layer's quietest direction of the
               # clean residual stream; no inner attack)
-              "push": "pgd"}
+              "push": "pgd",
+              # which decoder blocks LoRA adapts: "all", "from-push" (the first push layer and
+              # every block after it: blocks before it only shape the clean state, and the
+              # backward pass then stops there) or a layer spec such as "12-29"
+              "lora_blocks": "all"}
+
+    def lora_blocks(self, n_layers: int, layers: list[int]) -> list[int] | None:
+        spec = self.params["lora_blocks"]
+        if spec == "all":
+            return None
+        if spec == "from-push":
+            return list(range(min(layers), n_layers))
+        from ..stages.latent import parse_layers
+
+        return parse_layers(str(spec), n_layers)
 
     def pushed_term(self, h_tr, comp_p: list[str], comp_t: list[str], perturb: Perturb) -> Term:
         raise NotImplementedError
@@ -303,7 +317,8 @@ class _PushedRecipe(Recipe):
                  *_retain_terms(lm, env, retain, p)]
         res = train_terms(lm, terms, p["steps"], p["lr"], p["rank"], p["alpha"], env.seed,
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
-                          p["eval_every"], None, env.progress)
+                          p["eval_every"], None, env.progress,
+                          lora_blocks=self.lora_blocks(lm.n_layers, layers))
         return {**res, "data": {"harmful_completions": len(comp_p), "dropped_refusals": dropped,
                                 "retain_examples": {t.name: len(t.prompts) for t in terms[2:]},
                                 "layers": layers,

@@ -86,22 +86,36 @@ def quiet_directions(lm: LoadedModel, prompts: list[str], layers: list[int]
     return dirs, spread
 
 
-def lora_targets(model) -> list[str]:
+def lora_targets(model, blocks: list[int] | None = None) -> list[str]:
+    """The linear layers LoRA adapts: every decoder block's (their short names, e.g.
+    ``q_proj``), or only those of ``blocks`` (then full module names, so that the adapters and
+    the backward pass stop at the first of them)."""
     from ..models.arch import locate_parts
 
     parts = locate_parts(model)
-    names = set()
-    for name, mod in parts.blocks.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            names.add(name.split(".")[-1])
-    return sorted(names)
+    if blocks is None:
+        names = set()
+        for name, mod in parts.blocks.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                names.add(name.split(".")[-1])
+        return sorted(names)
+    prefix = {id(m): n for n, m in model.named_modules()}
+    full = []
+    for i in sorted(set(blocks)):
+        block = parts.blocks[i]
+        for name, mod in block.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                full.append(f"{prefix[id(block)]}.{name}")
+    return full
 
 
 def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank: int = 16,
                 alpha: int = 32, seed: int = 0,
                 evaluate: Callable[[LoadedModel, int], dict] | None = None, eval_every: int = 0,
-                stop: Callable[[list[dict]], bool] | None = None, progress=None) -> dict:
-    """Train LoRA adapters on ``lm.model`` in place, merge them, and return the history."""
+                stop: Callable[[list[dict]], bool] | None = None, progress=None,
+                lora_blocks: list[int] | None = None) -> dict:
+    """Train LoRA adapters on ``lm.model`` in place, merge them, and return the history.
+    ``lora_blocks``: adapt only these decoder blocks (default: all)."""
     from peft import LoraConfig, get_peft_model
 
     names = [t.name for t in terms]
@@ -124,7 +138,7 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
                 t.contrast_examples.append(Example(p_ids + c_ids, len(p_ids)))
     base = lm.model
     base.train()
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(base),
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(base, lora_blocks),
                      task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
     train_lm = LoadedModel(model, tok, lm.spec, lm.info)
@@ -165,7 +179,9 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
     lm.model = merged
     lm._parts = None
     return {"steps_run": step, "history": history, "train_time_s": round(time.time() - t0, 1),
-            "lora": {"r": rank, "alpha": alpha, "targets": cfg.target_modules and sorted(cfg.target_modules)}}
+            "lora": {"r": rank, "alpha": alpha,
+                     "targets": sorted({n.split(".")[-1] for n in cfg.target_modules}),
+                     "blocks": sorted(set(lora_blocks)) if lora_blocks is not None else "all"}}
 
 
 def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torch.Tensor:
