@@ -349,6 +349,13 @@ class Dissociated(_PushedRecipe):
     # harmful with no push); on the 18 both refuse clean, +0.15 [+0.06, +0.24] and the median ε*
     # falls 3× (3.3 % → 1.0 %). lr 4e-4, clean weight 3, ε 0.003–0.012: +0.17 [+0.09, +0.25],
     # S 0.88, over-refusal 0.11, 738 s.
+    # Read on LVS(M) (the max over layers, the metric) the default's gap is smaller:
+    # `safe` peaks at layers 5-10 (pgd LVS 0.656 / 0.666 / 0.542 / 0.469 at L5 / 10 / 15 / 20),
+    # this recipe at L10 too (0.753 / 0.779 / 0.737 / 0.693): LVS(M) +0.113 [+0.042, +0.183].
+    # Pushing at layers 5-10 (ε 0.1-0.4 %, lr 4e-4: +0.089, S 0.90, over-refusal 0.175) or
+    # training the pushed term on 4 completion tokens (+0.161, S 0.78) did not move ε* of the
+    # prompts still refused clean (median 0.55-0.70 % at L10 against safe's 1.2-1.4 %): what
+    # LVS they add beyond +0.1 comes from prompts that stop refusing clean.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 2e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
@@ -374,6 +381,8 @@ class Hardened(_PushedRecipe):
     # over-refusal 0.19 [0.12, 0.29] (n = 80), LVS_15 0.435 (paired −0.107 [−0.15, −0.07]), 470 s;
     # contrast 1.0 (the default) S 0.97, over-refusal 0.15 [0.09, 0.24], LVS_15 0.477 (paired
     # −0.065 [−0.107, −0.026]), 477 s: the stronger contrast buys over-refusal with hardening
+    # On LVS(M) (layers 5/10/15 screened; safe peaks at L10): 0.578 against 0.666, paired
+    # −0.088 [−0.130, −0.041].
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 24, "lr": 2e-4, "layers": "frac:0.33-0.67",
                       "eps_range": (0.02, 0.05), "pgd_steps": 3, "retain_from": "data",
                       "contrast_weight": 1.0}
