@@ -130,6 +130,8 @@ def test_no_overwrite_without_force(zoo, capsys):
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_objective=nope", "--out", "X"], "push_objective"),
     (["construct", "abliterated", "--from", "tiny:llama", "--set", "n_directions=0", "--out", "X"], "n_directions"),
     (["construct", "hardened", "--from", "tiny:llama", "--set", "retain_from=elsewhere", "--out", "X"], "retain_from"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "lora_blocks=top", "--out", "X"], "cannot parse layers"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "lora_blocks=2-9", "--out", "X"], "out of range"),
 ])
 def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)

@@ -92,6 +92,10 @@ class Recipe:
         for key, allowed in choices.items():
             if key in p and p[key] not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)} (got {p[key]!r})")
+        if p.get("lora_blocks", "all") not in ("all", "from-push"):
+            from ..stages.latent import parse_layers
+
+            parse_layers(str(p["lora_blocks"]), 10**6)  # the syntax now, the range at build
         if "n_directions" in p and int(p["n_directions"]) < 1:
             raise UserError("abliterated needs n_directions >= 1")
 
