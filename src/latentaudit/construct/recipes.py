@@ -288,6 +288,9 @@ class _PushedRecipe(Recipe):
         from ..data.sets import PromptSet
 
         p = self.params
+        # layer specs checked against the model before any data is generated
+        layers = self.layers(lm.n_layers)
+        lora_blocks = self.lora_blocks(lm.n_layers, layers)
         h_tr, h_val, s_val, retain = _splits(p)
         comp_p, comp_t, dropped = env.harmful_completions(
             PromptSet("harmful-train", h_tr, "builtin"), p["answer_tokens"])
@@ -298,7 +301,6 @@ class _PushedRecipe(Recipe):
             tok = lm.tokenizer
             comp_t = [tok.decode(tok.encode(c, add_special_tokens=False)[: int(p["push_tokens"])])
                       for c in comp_t]
-        layers = self.layers(lm.n_layers)
         planted, spread = None, None
         if p["push"] == "planted":
             from .train import quiet_directions
@@ -322,7 +324,7 @@ class _PushedRecipe(Recipe):
         res = train_terms(lm, terms, p["steps"], p["lr"], p["rank"], p["alpha"], env.seed,
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
                           p["eval_every"], None, env.progress,
-                          lora_blocks=self.lora_blocks(lm.n_layers, layers))
+                          lora_blocks=lora_blocks)
         return {**res, "data": {"harmful_completions": len(comp_p), "dropped_refusals": dropped,
                                 "retain_examples": {t.name: len(t.prompts) for t in terms[2:]},
                                 "layers": layers,
