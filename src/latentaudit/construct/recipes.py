@@ -361,7 +361,8 @@ class Dissociated(_PushedRecipe):
     # Pushing at layers 5-10 (ε 0.1-0.4 %, lr 4e-4: +0.089, S 0.90, over-refusal 0.175) or
     # training the pushed term on 4 completion tokens (+0.161, S 0.78) did not move ε* of the
     # prompts still refused clean (median 0.55-0.70 % at L10 against safe's 1.2-1.4 %): what
-    # LVS they add beyond +0.1 comes from prompts that stop refusing clean.
+    # LVS they add beyond +0.1 comes from prompts that stop refusing clean. 60 steps instead of
+    # 40: LVS(M) +0.125 [+0.054, +0.191], S 0.88, 1132 s; against 40 steps +0.011 at L10.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 2e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
