@@ -93,20 +93,11 @@ def lora_targets(model, blocks: list[int] | None = None) -> list[str]:
     from ..models.arch import locate_parts
 
     parts = locate_parts(model)
-    if blocks is None:
-        names = set()
-        for name, mod in parts.blocks.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                names.add(name.split(".")[-1])
-        return sorted(names)
     prefix = {id(m): n for n, m in model.named_modules()}
-    full = []
-    for i in sorted(set(blocks)):
-        block = parts.blocks[i]
-        for name, mod in block.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                full.append(f"{prefix[id(block)]}.{name}")
-    return full
+    chosen = range(len(parts.blocks)) if blocks is None else sorted(set(blocks))
+    full = [f"{prefix[id(parts.blocks[i])]}.{name}" for i in chosen
+            for name, mod in parts.blocks[i].named_modules() if isinstance(mod, torch.nn.Linear)]
+    return sorted({n.split(".")[-1] for n in full}) if blocks is None else full
 
 
 def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank: int = 16,
