@@ -387,7 +387,7 @@ class Hardened(_PushedRecipe):
     # From the deeper `safe` of lr 4e-4 (S 0.95, LVS_15 0.54): contrast 0.5 gives S 0.97 (n = 40),
     # over-refusal 0.19 [0.12, 0.29] (n = 80), LVS_15 0.435 (paired −0.107 [−0.15, −0.07]), 470 s;
     # contrast 1.0 (the default) S 0.97, over-refusal 0.15 [0.09, 0.24], LVS_15 0.477 (paired
-    # −0.065 [−0.107, −0.026]), 477 s: the stronger contrast buys over-refusal with hardening
+    # −0.065 [−0.107, −0.026]), 477 s: the stronger contrast buys over-refusal with hardening.
     # On LVS(M) (layers 5/10/15 screened; safe peaks at L10): 0.578 against 0.666, paired
     # −0.088 [−0.130, −0.041].
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 24, "lr": 2e-4, "layers": "frac:0.33-0.67",
