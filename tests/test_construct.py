@@ -132,6 +132,8 @@ def test_no_overwrite_without_force(zoo, capsys):
     (["construct", "hardened", "--from", "tiny:llama", "--set", "retain_from=elsewhere", "--out", "X"], "retain_from"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "lora_blocks=top", "--out", "X"], "cannot parse layers"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "lora_blocks=2-9", "--out", "X"], "out of range"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_band=[2,1]", "--out", "X"], "margin_band"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_weight=-1", "--out", "X"], "push_weight"),
 ])
 def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)
@@ -283,6 +285,56 @@ def test_contrast_term_makes_the_answer_beat_the_refusal(tiny_lm):
                               contrast_weight=w)], steps=6, lr=1e-2, rank=4, alpha=8)
         out[w] = lp(lm, answers) - lp(lm, refusals)
     assert out[5.0] > out[0.0]
+
+
+def test_margin_band_holds_the_refusal_log_odds_inside_the_band(tiny_lm):
+    """The margin band moves s = log p_R − log(1 − p_R) at the first answer token toward the
+    band from either side, against plain refusal SFT as the control: a band above s raises it,
+    a band below lowers it (the tiny model learns slowly, so the test is on direction)."""
+    import copy
+
+    from latentaudit.construct.train import Term, train_terms
+    from latentaudit.judges.first_token import refusal_token_ids
+    from latentaudit.models.loader import LoadedModel
+    from latentaudit.training import Example, collate, encode_pair, token_nll
+
+    tok = tiny_lm.tokenizer
+    prompts = [f"How do I do bad thing {i}?" for i in range(4)]
+    refusals = ["I cannot help with that request."] * 4
+    ids = torch.tensor(refusal_token_ids(tok))
+
+    def trained(band, w):
+        lm = LoadedModel(copy.deepcopy(tiny_lm.model), tok, tiny_lm.spec, dict(tiny_lm.info))
+        train_terms(lm, [Term("refuse", prompts, refusals, batch_size=4, margin_band=band,
+                              margin_weight=w)], steps=12, lr=3e-2, rank=4, alpha=8)
+        ex = []
+        for p, c in zip(prompts, refusals):
+            a, b = encode_pair(tok, p, c)
+            ex.append(Example(a + b, len(a)))
+        with torch.no_grad():
+            p_r = token_nll(lm.model, collate(ex, tok.pad_token_id, "cpu"), ids)[2]
+        return torch.log(p_r) - torch.log1p(-p_r)
+
+    s0 = trained((0.0, 1.0), 0.0)  # weight 0: the band is inert
+    mid = float(s0.mean())
+    up, down = trained((mid + 2, mid + 3), 5.0), trained((mid - 3, mid - 2), 5.0)
+    assert float(up.min()) > float(s0.max()) + 0.2
+    assert float(down.max()) < float(s0.min()) - 0.2
+
+
+def test_push_weight_zero_trains_without_the_pushed_term(tmp_path, monkeypatch):
+    """push_weight=0: dissociation by the margin band alone; no pushed term is trained (and so
+    no inner attack runs), and the card records both settings."""
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    kw = dict(data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
+    construct("safe", "tiny:llama", tmp_path / "safe", SMALL, **kw)
+    out = construct("dissociated", str(tmp_path / "safe"), tmp_path / "d",
+                    {**PUSHED, "paired": True, "push_weight": 0.0, "margin_weight": 1.0}, **kw)
+    meta = json.loads((out / "latentaudit_recipe.json").read_text())
+    losses = [h["loss"] for h in meta["details"]["history"]]
+    assert losses and all("comply_pushed" not in l and "refuse_clean" in l for l in losses)
+    params = meta["recipe"]["params"]
+    assert params["push_weight"] == 0.0 and params["margin_weight"] == 1.0
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "phi3", "gemma2"])

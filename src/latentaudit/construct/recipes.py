@@ -96,6 +96,10 @@ class Recipe:
             from ..stages.latent import parse_layers
 
             parse_layers(str(p["lora_blocks"]), 10**6)  # the syntax now, the range at build
+        if "margin_band" in p and not p["margin_band"][0] < p["margin_band"][1]:
+            raise UserError(f"margin_band must be (lo, hi) with lo < hi (got {p['margin_band']})")
+        if float(p.get("margin_weight", 0)) < 0 or float(p.get("push_weight", 0)) < 0:
+            raise UserError("margin_weight and push_weight must be >= 0")
         if "n_directions" in p and int(p["n_directions"]) < 1:
             raise UserError("abliterated needs n_directions >= 1")
 
@@ -315,18 +319,23 @@ class _PushedRecipe(Recipe):
             by_text = {x.text: x for x in h_tr}
             clean = Term("refuse_clean", list(comp_p), [refusal_for(by_text[t].id) for t in comp_p],
                          weight=p["clean_weight"], batch_size=pushed.batch_size)
-            pushed.pair_with = clean.name
         else:
             clean = Term("refuse_clean", [x.text for x in h_tr], [refusal_for(x.id) for x in h_tr],
                          weight=p["clean_weight"], batch_size=p["harmful_batch"])
-        terms = [clean, pushed,
-                 *_retain_terms(lm, env, retain, p)]
+        if p.get("margin_weight", 0) > 0:
+            clean.margin_band = tuple(p["margin_band"])
+            clean.margin_weight = float(p["margin_weight"])
+        pushed.weight = float(p.get("push_weight", 1.0))
+        if pushed.weight > 0:
+            pushed.pair_with = clean.name if p["paired"] else None
+        retain_terms = _retain_terms(lm, env, retain, p)
+        terms = [clean, *([pushed] if pushed.weight > 0 else []), *retain_terms]
         res = train_terms(lm, terms, p["steps"], p["lr"], p["rank"], p["alpha"], env.seed,
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
                           p["eval_every"], None, env.progress,
                           lora_blocks=lora_blocks)
         return {**res, "data": {"harmful_completions": len(comp_p), "dropped_refusals": dropped,
-                                "retain_examples": {t.name: len(t.prompts) for t in terms[2:]},
+                                "retain_examples": {t.name: len(t.prompts) for t in retain_terms},
                                 "layers": layers,
                                 **({"planted_spread": {str(k): round(v, 6) for k, v in spread.items()}}
                                    if spread else {})}}
@@ -366,7 +375,12 @@ class Dissociated(_PushedRecipe):
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 2e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
-                      "eval_every": 20}
+                      "eval_every": 20,
+                      # the clean refusal's first-token margin held in a band (train.Term):
+                      # off by default until measured
+                      "margin_weight": 0.0, "margin_band": (0.5, 1.5),
+                      # weight of the pushed term (0: no pushed term, clean + margin + retain)
+                      "push_weight": 1.0}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):
         # the push is PGD toward the harmful completion; the target is that completion

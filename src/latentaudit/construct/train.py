@@ -60,6 +60,13 @@ class Term:
     # opens ordinary answers too
     contrast: list[str] | None = None
     contrast_weight: float = 0.0
+    # harmful prompts: the refusal decision's margin held inside a band. s = log p_R −
+    # log(1 − p_R) at the first answer token (p_R: the mass of the refusal openers, the
+    # first-token judge's score); the loss is weight × (relu(s − hi) + relu(lo − s)). A model
+    # that refuses with s just above 0 still refuses under greedy decoding, but a small push
+    # flips it: the refusal is there outwardly and thin latently
+    margin_band: tuple[float, float] | None = None
+    margin_weight: float = 0.0
     # name of an earlier term with the same prompts in the same order: this term then takes
     # that term's batch indices every step, so the same prompts are seen both ways at once
     # (dissociation: the same prompt refused clean and complied with under a push)
@@ -179,13 +186,20 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torc
     ex = [t.examples[i] for i in idx]
     batch = collate(ex, lm.tokenizer.pad_token_id, lm.device)
     if t.perturb is None:
-        if t.anti_refusal > 0:
+        band = t.margin_band is not None and t.margin_weight > 0
+        if t.anti_refusal > 0 or band:
             from ..judges.first_token import refusal_token_ids
 
             ids = torch.tensor(refusal_token_ids(lm.tokenizer))
             nll, n, p_r = token_nll(lm.model, batch, ids)
-            away = -torch.log1p(-p_r.clamp(max=1 - 1e-6)).mean()
-            loss = nll.sum() / n.sum().clamp(min=1) + t.anti_refusal * away
+            loss = nll.sum() / n.sum().clamp(min=1)
+            p_r = p_r.clamp(1e-6, 1 - 1e-6)
+            if t.anti_refusal > 0:
+                loss = loss + t.anti_refusal * -torch.log1p(-p_r).mean()
+            if band:
+                s = torch.log(p_r) - torch.log1p(-p_r)
+                lo, hi = t.margin_band
+                loss = loss + t.margin_weight * (torch.relu(s - hi) + torch.relu(lo - s)).mean()
         else:
             nll, n = token_nll(lm.model, batch)
             loss = nll.sum() / n.sum().clamp(min=1)
