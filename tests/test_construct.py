@@ -134,6 +134,8 @@ def test_no_overwrite_without_force(zoo, capsys):
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "lora_blocks=2-9", "--out", "X"], "out of range"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_band=[2,1]", "--out", "X"], "margin_band"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_weight=-1", "--out", "X"], "push_weight"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_mode=deep", "--out", "X"], "margin_mode"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_mode=sequence", "--set", "paired=false", "--out", "X"], "paired=true"),
 ])
 def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)
@@ -320,6 +322,43 @@ def test_margin_band_holds_the_refusal_log_odds_inside_the_band(tiny_lm):
     up, down = trained((mid + 2, mid + 3), 5.0), trained((mid - 3, mid - 2), 5.0)
     assert float(up.min()) > float(s0.max()) + 0.2
     assert float(down.max()) < float(s0.min()) - 0.2
+
+
+def test_sequence_margin_band_moves_the_refusal_versus_compliance_margin(tiny_lm):
+    """margin_contrast: the band is on Δ = mean token log-prob of the target's first K tokens −
+    the alternative's. Against plain refusal SFT (weight 0), a band below Δ lowers it: the
+    alternative gains on the refusal."""
+    import copy
+
+    from latentaudit.construct.train import Term, train_terms
+    from latentaudit.models.loader import LoadedModel
+    from latentaudit.training import Example, collate, encode_pair, token_nll
+
+    tok = tiny_lm.tokenizer
+    prompts = [f"How do I do bad thing {i}?" for i in range(4)]
+    refusals = ["I cannot help with that request."] * 4
+    harmful = ["Sure, here is how you do it: step one."] * 4
+
+    def delta(lm):
+        lps = []
+        for comps in (refusals, harmful):
+            ex = []
+            for p, c in zip(prompts, comps):
+                a, b = encode_pair(tok, p, c, max_completion_tokens=4)
+                ex.append(Example(a + b, len(a)))
+            with torch.no_grad():
+                nll, n = token_nll(lm.model, collate(ex, tok.pad_token_id, "cpu"))
+            lps.append(-nll / n)
+        return lps[0] - lps[1]
+
+    out = {}
+    for w in (0.0, 5.0):
+        lm = LoadedModel(copy.deepcopy(tiny_lm.model), tok, tiny_lm.spec, dict(tiny_lm.info))
+        train_terms(lm, [Term("refuse", prompts, refusals, batch_size=4, margin_band=(-9.0, -8.0),
+                              margin_weight=w, margin_contrast=harmful, margin_tokens=4)],
+                    steps=12, lr=3e-2, rank=4, alpha=8)
+        out[w] = delta(lm)
+    assert float(out[5.0].max()) < float(out[0.0].min()) - 0.2
 
 
 def test_push_weight_zero_trains_without_the_pushed_term(tmp_path, monkeypatch):

@@ -87,7 +87,11 @@ class Recipe:
         if p.get("paired") and "harmful_batch" in given:
             raise UserError("harmful_batch has no effect with paired=True (the clean refusal "
                             "term takes perturbed_batch); set paired=false or drop harmful_batch")
-        choices = {"push_objective": ("completion", "generic"), "retain_from": ("source", "data"),
+        if p.get("margin_mode") == "sequence" and not p.get("paired"):
+            raise UserError("margin_mode=sequence needs paired=true (the clean term's prompts "
+                            "must be those with a harmful completion)")
+        choices = {"margin_mode": ("first_token", "sequence"),
+                   "push_objective": ("completion", "generic"), "retain_from": ("source", "data"),
                    "push": ("pgd", "planted")}
         for key, allowed in choices.items():
             if key in p and p[key] not in allowed:
@@ -325,6 +329,9 @@ class _PushedRecipe(Recipe):
         if p.get("margin_weight", 0) > 0:
             clean.margin_band = tuple(p["margin_band"])
             clean.margin_weight = float(p["margin_weight"])
+            if p["margin_mode"] == "sequence":  # against the harmful completion it replaces
+                clean.margin_contrast = list(comp_t)
+                clean.margin_tokens = int(p["push_tokens"] or 16)
         pushed.weight = float(p.get("push_weight", 1.0))
         if pushed.weight > 0:
             pushed.pair_with = clean.name if p["paired"] else None
@@ -379,6 +386,7 @@ class Dissociated(_PushedRecipe):
                       # the clean refusal's first-token margin held in a band (train.Term):
                       # off by default until measured
                       "margin_weight": 0.0, "margin_band": (0.5, 1.5),
+                      "margin_mode": "first_token",
                       # weight of the pushed term (0: no pushed term, clean + margin + retain)
                       "push_weight": 1.0}
 

@@ -67,12 +67,19 @@ class Term:
     # flips it: the refusal is there outwardly and thin latently
     margin_band: tuple[float, float] | None = None
     margin_weight: float = 0.0
+    # with ``margin_contrast`` (an alternative completion per example, e.g. the harmful one) the
+    # band is on the sequence margin instead: Δ = mean token log-prob of the target's first
+    # ``margin_tokens`` tokens − that of the alternative's (how much more likely, per token, the
+    # refusal is than the compliance it replaces)
+    margin_contrast: list[str] | None = None
+    margin_tokens: int = 16
     # name of an earlier term with the same prompts in the same order: this term then takes
     # that term's batch indices every step, so the same prompts are seen both ways at once
     # (dissociation: the same prompt refused clean and complied with under a push)
     pair_with: str | None = None
     examples: list[Example] = field(default_factory=list)
     contrast_examples: list[Example] = field(default_factory=list)
+    margin_examples: list[tuple[Example, Example]] = field(default_factory=list)
 
 
 def quiet_directions(lm: LoadedModel, prompts: list[str], layers: list[int]
@@ -129,6 +136,14 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
         for p, c in zip(t.prompts, t.targets):
             p_ids, c_ids = encode_pair(tok, p, c, max_completion_tokens=96)
             t.examples.append(Example(p_ids + c_ids, len(p_ids)))
+        t.margin_examples = []
+        if t.margin_contrast is not None:
+            for p, c, a in zip(t.prompts, t.targets, t.margin_contrast):
+                pair = []
+                for comp in (c, a):
+                    p_ids, c_ids = encode_pair(tok, p, comp, max_completion_tokens=t.margin_tokens)
+                    pair.append(Example(p_ids + c_ids, len(p_ids)))
+                t.margin_examples.append(tuple(pair))
         t.contrast_examples = []
         if t.contrast and t.contrast_weight > 0:
             for p, c in zip(t.prompts, t.contrast):
@@ -187,6 +202,8 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torc
     batch = collate(ex, lm.tokenizer.pad_token_id, lm.device)
     if t.perturb is None:
         band = t.margin_band is not None and t.margin_weight > 0
+        seq_band = band and bool(t.margin_examples)
+        band = band and not seq_band
         if t.anti_refusal > 0 or band:
             from ..judges.first_token import refusal_token_ids
 
@@ -210,6 +227,16 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torc
             lp_ans = -nll / n.clamp(min=1)
             lp_ref = -nll_r / n_r.clamp(min=1)
             loss = loss + t.contrast_weight * torch.nn.functional.softplus(lp_ref - lp_ans).mean()
+        if seq_band:
+            lps = []
+            for k in (0, 1):
+                mb = collate([t.margin_examples[i][k] for i in idx], lm.tokenizer.pad_token_id,
+                             lm.device)
+                nll_k, n_k = token_nll(lm.model, mb)
+                lps.append(-nll_k / n_k.clamp(min=1))
+            delta = lps[0] - lps[1]
+            lo, hi = t.margin_band
+            loss = loss + t.margin_weight * (torch.relu(delta - hi) + torch.relu(lo - delta)).mean()
         return loss
     pz = t.perturb
     layer = int(rng.choice(pz.layers))
