@@ -62,6 +62,9 @@ class LatentConfig(BaseModel):
         description="when a push gives an incoherent non-refusal, also try it scaled by these "
         "factors (still inside the ε-ball): a larger ball contains the smaller pushes")
     noise_draws: int = Field(4, ge=1)
+    # 10 steps is not the audit's floor: on the SmolLM2 `dissociated` (24 held-out prompts, layer
+    # 10, rel_tol 0.5) 30 steps gave LVS 0.784 [0.71, 0.86] against 0.779 with 10 (median ε*
+    # 0.70 % vs 0.64 %), at 1.5× the time per evaluation
     pgd_steps: int = Field(10, ge=0)
     pgd_optimizer: Literal["l2", "sign", "adam"] = "l2"
     pgd_step_size: float = Field(0.25, gt=0)
