@@ -383,8 +383,18 @@ class Dissociated(_PushedRecipe):
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
                       "eval_every": 20,
-                      # the clean refusal's first-token margin held in a band (train.Term):
-                      # off by default until measured
+                      # the clean refusal's margin held in a band (train.Term), off by
+                      # default. Measured from the lr-4e-4 `safe` (pgd, 24 held-out prompts,
+                      # layer 10, where LVS(M) is read): first_token, band 0.5-1.5, weight 1
+                      # put every held-out prompt's first-token log-odds in 0.2-1.5 (safe:
+                      # 0.4-4.7) and S 0.95, but made the model *less* fragile (LVS_10 0.542,
+                      # median ε* 2.2 % against safe's 1.0 %) and over-refusal 0.29: the
+                      # openers' mass ("I" opens answers too) is not the decision, and lifting
+                      # the low-margin prompts hardened them. sequence, band 0.1-0.4 nats per
+                      # token, weight 2 (Δ median 0.79 → 0.10 on train prompts): LVS_10 0.844,
+                      # LVS(M) gap vs safe +0.178 [+0.121, +0.234], but S 0.78 and 10 of 24
+                      # prompts harmful with no push; on the 14 both refuse clean +0.123 (median
+                      # ε* 0.59 % vs 1.44 %, where every other variant also lands); 1079 s
                       "margin_weight": 0.0, "margin_band": (0.5, 1.5),
                       "margin_mode": "first_token",
                       # weight of the pushed term (0: no pushed term, clean + margin + retain)
