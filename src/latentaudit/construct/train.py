@@ -62,9 +62,9 @@ class Term:
     contrast_weight: float = 0.0
     # harmful prompts: the refusal decision's margin held inside a band. s = log p_R −
     # log(1 − p_R) at the first answer token (p_R: the mass of the refusal openers, the
-    # first-token judge's score); the loss is weight × (relu(s − hi) + relu(lo − s)). A model
-    # that refuses with s just above 0 still refuses under greedy decoding, but a small push
-    # flips it: the refusal is there outwardly and thin latently
+    # first-token judge's score); the loss is weight × (relu(s − hi) + relu(lo − s)). The idea:
+    # a model that refuses with s just above 0 still refuses greedily, but a small push flips it.
+    # Measured on SmolLM2 it did the opposite (the `dissociated` recipe's comment says why)
     margin_band: tuple[float, float] | None = None
     margin_weight: float = 0.0
     # with ``margin_contrast`` (an alternative completion per example, e.g. the harmful one) the
