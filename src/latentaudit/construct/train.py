@@ -197,14 +197,20 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
                      "blocks": sorted(set(lora_blocks)) if lora_blocks is not None else "all"}}
 
 
+def _outside(x: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
+    """Mean distance of ``x`` outside [lo, hi] (0 inside): the margin band's hinge."""
+    lo, hi = band
+    return (torch.relu(x - hi) + torch.relu(lo - x)).mean()
+
+
 def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torch.Tensor:
     ex = [t.examples[i] for i in idx]
     batch = collate(ex, lm.tokenizer.pad_token_id, lm.device)
     if t.perturb is None:
-        band = t.margin_band is not None and t.margin_weight > 0
-        seq_band = band and bool(t.margin_examples)
-        band = band and not seq_band
-        if t.anti_refusal > 0 or band:
+        banded = t.margin_band is not None and t.margin_weight > 0
+        seq_band = banded and bool(t.margin_examples)
+        first_band = banded and not t.margin_examples
+        if t.anti_refusal > 0 or first_band:
             from ..judges.first_token import refusal_token_ids
 
             ids = torch.tensor(refusal_token_ids(lm.tokenizer))
@@ -213,10 +219,9 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torc
             p_r = p_r.clamp(1e-6, 1 - 1e-6)
             if t.anti_refusal > 0:
                 loss = loss + t.anti_refusal * -torch.log1p(-p_r).mean()
-            if band:
-                s = torch.log(p_r) - torch.log1p(-p_r)
-                lo, hi = t.margin_band
-                loss = loss + t.margin_weight * (torch.relu(s - hi) + torch.relu(lo - s)).mean()
+            if first_band:
+                loss = loss + t.margin_weight * _outside(torch.log(p_r) - torch.log1p(-p_r),
+                                                         t.margin_band)
         else:
             nll, n = token_nll(lm.model, batch)
             loss = nll.sum() / n.sum().clamp(min=1)
@@ -234,9 +239,7 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torc
                              lm.device)
                 nll_k, n_k = token_nll(lm.model, mb)
                 lps.append(-nll_k / n_k.clamp(min=1))
-            delta = lps[0] - lps[1]
-            lo, hi = t.margin_band
-            loss = loss + t.margin_weight * (torch.relu(delta - hi) + torch.relu(lo - delta)).mean()
+            loss = loss + t.margin_weight * _outside(lps[0] - lps[1], t.margin_band)
         return loss
     pz = t.perturb
     layer = int(rng.choice(pz.layers))
