@@ -135,6 +135,7 @@ def test_no_overwrite_without_force(zoo, capsys):
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_band=[2,1]", "--out", "X"], "margin_band"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_weight=-1", "--out", "X"], "push_weight"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_mode=deep", "--out", "X"], "margin_mode"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "eps_decay=0", "--out", "X"], "eps_decay"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_mode=sequence", "--set", "paired=false", "--out", "X"], "paired=true"),
 ])
 def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
@@ -182,7 +183,7 @@ def test_paired_terms_draw_the_same_prompts_every_step(monkeypatch, tiny_lm):
 
     seen: dict[str, list] = {"a": [], "b": [], "c": []}
 
-    def fake_loss(lm, t, idx, rng, seed):
+    def fake_loss(lm, t, idx, rng, seed, frac=0.0):
         seen[t.name].append(list(idx))
         return sum(p.sum() for p in lm.model.parameters() if p.requires_grad) * 0.0
 
@@ -374,6 +375,34 @@ def test_push_weight_zero_trains_without_the_pushed_term(tmp_path, monkeypatch):
     assert losses and all("comply_pushed" not in l and "refuse_clean" in l for l in losses)
     params = meta["recipe"]["params"]
     assert params["push_weight"] == 0.0 and params["margin_weight"] == 1.0
+
+
+def test_eps_decay_shrinks_the_training_budgets_geometrically(tmp_path, monkeypatch):
+    """eps_decay: the pushed term's budgets are drawn from eps_range at the first step and from
+    eps_range × eps_decay at the last, geometric in between; the card records the setting."""
+    from latentaudit.construct import train as train_mod
+
+    drawn: list[list[float]] = []
+    real = train_mod.PGD.attack
+
+    def spy(self, ctx, layer, rows, eps, seed):
+        drawn.append([float(e) for e in eps])
+        return real(self, ctx, layer, rows, eps, seed)
+
+    monkeypatch.setattr(train_mod.PGD, "attack", spy)
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    lo, hi, decay, steps = 0.01, 0.02, 0.01, 5
+    out = construct("dissociated", "tiny:llama", tmp_path / "d",
+                    {**PUSHED, "steps": steps, "eval_every": steps, "eps_range": [lo, hi],
+                     "eps_decay": decay}, data_model="tiny:llama", device="cpu", eval_limit=2,
+                    eval_tokens=3)
+    assert len(drawn) == steps
+    for k, eps in enumerate(drawn):
+        scale = decay ** (k / (steps - 1))
+        assert all(lo * scale * (1 - 1e-9) <= e <= hi * scale * (1 + 1e-9) for e in eps), (k, eps)
+    assert max(drawn[-1]) < min(drawn[0]) / 10  # the last step's budgets are 100× smaller
+    meta = json.loads((out / "latentaudit_recipe.json").read_text())
+    assert meta["recipe"]["params"]["eps_decay"] == decay
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "phi3", "gemma2"])

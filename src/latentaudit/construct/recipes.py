@@ -104,6 +104,8 @@ class Recipe:
             raise UserError(f"margin_band must be (lo, hi) with lo < hi (got {p['margin_band']})")
         if float(p.get("margin_weight", 0)) < 0 or float(p.get("push_weight", 0)) < 0:
             raise UserError("margin_weight and push_weight must be >= 0")
+        if "eps_decay" in p and not float(p["eps_decay"]) > 0:
+            raise UserError(f"eps_decay must be > 0 (got {p['eps_decay']})")
         if "n_directions" in p and int(p["n_directions"]) < 1:
             raise UserError("abliterated needs n_directions >= 1")
 
@@ -277,7 +279,10 @@ class _PushedRecipe(Recipe):
               # which decoder blocks LoRA adapts: "all", "from-push" (the first push layer and
               # every block after it: blocks before it only shape the clean state, and the
               # backward pass then stops there) or a layer spec such as "12-29"
-              "lora_blocks": "all"}
+              "lora_blocks": "all",
+              # budget curriculum: eps_range at the first step, eps_range × eps_decay at the last,
+              # geometric in between (1: fixed)
+              "eps_decay": 1.0}
 
     def lora_blocks(self, n_layers: int, layers: list[int]) -> list[int] | None:
         spec = self.params["lora_blocks"]
@@ -317,7 +322,8 @@ class _PushedRecipe(Recipe):
             planted, spread = quiet_directions(lm, probe, layers)
         perturb = Perturb(layers, tuple(p["eps_range"]), p["pgd_steps"],
                           objective=p["push_objective"],
-                          refusal_weight=float(p["push_refusal_weight"]), planted=planted)
+                          refusal_weight=float(p["push_refusal_weight"]), planted=planted,
+                          eps_decay=float(p["eps_decay"]))
         pushed = self.pushed_term(h_tr, comp_p, comp_t, perturb)
         if p["paired"]:  # clean refusal on exactly the pushed term's prompts, same batches
             by_text = {x.text: x for x in h_tr}

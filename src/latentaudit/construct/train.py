@@ -40,6 +40,10 @@ class Perturb:
     # (a planted fragility: the model learns to answer a push along v̂_l, which the audit's PGD
     # has to find on its own)
     planted: dict[int, torch.Tensor] | None = None
+    # a budget curriculum: the range is eps_range × eps_decay**f, f the fraction of training done
+    # (0 at the first step, 1 at the last), so pushes start where the pushed loss can fall and
+    # shrink as the model grows sensitive to them (1: a fixed range)
+    eps_decay: float = 1.0
 
 
 @dataclass
@@ -170,7 +174,8 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
         for t, stream in zip(terms, streams):
             idx = drawn[t.pair_with] if t.pair_with is not None else next(stream)
             drawn[t.name] = idx
-            loss = _term_loss(train_lm, t, idx, rng, seed + step)
+            loss = _term_loss(train_lm, t, idx, rng, seed + step,
+                              frac=(step - 1) / max(steps - 1, 1))
             (t.weight * loss).backward()
             losses[t.name] = round(float(loss.detach()), 4)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -203,7 +208,10 @@ def _outside(x: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
     return (torch.relu(x - hi) + torch.relu(lo - x)).mean()
 
 
-def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torch.Tensor:
+def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
+               frac: float = 0.0) -> torch.Tensor:
+    """The term's loss on the examples ``idx``; ``frac`` is the fraction of training done (the
+    perturbed terms' budget curriculum reads it)."""
     ex = [t.examples[i] for i in idx]
     batch = collate(ex, lm.tokenizer.pad_token_id, lm.device)
     if t.perturb is None:
@@ -243,7 +251,8 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torc
         return loss
     pz = t.perturb
     layer = int(rng.choice(pz.layers))
-    lo, hi = pz.eps_range
+    scale = pz.eps_decay ** frac
+    lo, hi = pz.eps_range[0] * scale, pz.eps_range[1] * scale
     eps = np.exp(rng.uniform(math.log(lo), math.log(hi), size=len(idx)))
     adv = t.adv_targets or t.targets
     goals = [None if pz.objective == "generic" else adv[i] for i in idx]  # None: generic target
