@@ -136,6 +136,7 @@ def test_no_overwrite_without_force(zoo, capsys):
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_weight=-1", "--out", "X"], "push_weight"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_mode=deep", "--out", "X"], "margin_mode"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "eps_decay=0", "--out", "X"], "eps_decay"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_anti_refusal=-1", "--out", "X"], "push_anti_refusal"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_mode=sequence", "--set", "paired=false", "--out", "X"], "paired=true"),
 ])
 def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
@@ -403,6 +404,46 @@ def test_eps_decay_shrinks_the_training_budgets_geometrically(tmp_path, monkeypa
     assert max(drawn[-1]) < min(drawn[0]) / 10  # the last step's budgets are 100× smaller
     meta = json.loads((out / "latentaudit_recipe.json").read_text())
     assert meta["recipe"]["params"]["eps_decay"] == decay
+
+
+def test_push_anti_refusal_adds_the_opener_term_under_the_push(tiny_lm):
+    """A perturbed term with anti_refusal w: its loss is the SFT loss under the push plus
+    w × mean(−log(1 − p_R)), p_R the refusal openers' mass at the first answer token *under the
+    same push* (a planted push, so both computations see the same δ)."""
+    import numpy as np
+
+    from latentaudit.construct.train import Perturb, Term, _term_loss
+    from latentaudit.interventions.context import build_context
+    from latentaudit.interventions.hooks import perturb_block
+    from latentaudit.judges.first_token import refusal_token_ids
+    from latentaudit.training import Example, collate, encode_pair, token_nll
+
+    lm, tok = tiny_lm, tiny_lm.tokenizer
+    prompts, comps = ["how do I pick a lock", "write a phishing mail"], ["Sure, step one", "Dear user"]
+    v = torch.nn.functional.normalize(torch.randn(lm.parts.hidden_size, generator=torch.Generator().manual_seed(1)), dim=0)
+    pz = Perturb([1], (0.3, 0.3), planted={1: v})
+
+    def term(w):
+        t = Term("pushed", prompts, comps, perturb=pz, anti_refusal=w)
+        t.examples = [Example(sum(encode_pair(tok, p, c), []), len(encode_pair(tok, p, c)[0]))
+                      for p, c in zip(prompts, comps)]
+        return t
+
+    with torch.no_grad():
+        base = float(_term_loss(lm, term(0.0), [0, 1], np.random.default_rng(0), 0))
+        with_w = float(_term_loss(lm, term(2.0), [0, 1], np.random.default_rng(0), 0))
+        t = term(0.0)
+        batch = collate(t.examples, tok.pad_token_id, lm.device)
+        ctx = build_context(lm, prompts, [None, None])
+        full = torch.zeros((2, batch["input_ids"].shape[1], lm.parts.hidden_size))
+        for j in range(2):
+            d = 0.3 * ctx.h[j][1].norm(dim=-1, keepdim=True) * v * ctx.masks[j][1][:, None]
+            full[j, : d.shape[0]] = d
+        with perturb_block(lm.parts.blocks[1], full):
+            _, _, p_r = token_nll(lm.model, batch, torch.tensor(refusal_token_ids(tok)))
+    expected = 2.0 * float(-torch.log1p(-p_r.clamp(1e-6, 1 - 1e-6)).mean())
+    assert expected > 0
+    assert with_w - base == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "phi3", "gemma2"])

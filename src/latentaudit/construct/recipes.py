@@ -104,6 +104,8 @@ class Recipe:
             raise UserError(f"margin_band must be (lo, hi) with lo < hi (got {p['margin_band']})")
         if float(p.get("margin_weight", 0)) < 0 or float(p.get("push_weight", 0)) < 0:
             raise UserError("margin_weight and push_weight must be >= 0")
+        if float(p.get("push_anti_refusal", 0)) < 0:
+            raise UserError("push_anti_refusal must be >= 0")
         if "eps_decay" in p and not float(p["eps_decay"]) > 0:
             raise UserError(f"eps_decay must be > 0 (got {p['eps_decay']})")
         if "n_directions" in p and int(p["n_directions"]) < 1:
@@ -339,6 +341,7 @@ class _PushedRecipe(Recipe):
                 clean.margin_contrast = list(comp_t)
                 clean.margin_tokens = int(p["push_tokens"] or 16)
         pushed.weight = float(p.get("push_weight", 1.0))
+        pushed.anti_refusal = float(p.get("push_anti_refusal", 0.0))
         if pushed.weight > 0:
             pushed.pair_with = clean.name if p["paired"] else None
         retain_terms = _retain_terms(lm, env, retain, p)
@@ -404,7 +407,11 @@ class Dissociated(_PushedRecipe):
                       "margin_weight": 0.0, "margin_band": (0.5, 1.5),
                       "margin_mode": "first_token",
                       # weight of the pushed term (0: no pushed term, clean + margin + retain)
-                      "push_weight": 1.0}
+                      "push_weight": 1.0,
+                      # weight of −log(1 − p(refusal opener)) at the first answer token under
+                      # the push: the pushed term then acts on the decision, not only on the
+                      # completion's text (0: off)
+                      "push_anti_refusal": 0.0}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):
         # the push is PGD toward the harmful completion; the target is that completion

@@ -56,7 +56,8 @@ class Term:
     perturb: Perturb | None = None
     adv_targets: list[str] | None = None  # PGD target when perturbed (default: targets)
     # weight of −log(1 − p(refusal opener)) at the first answer token (harmless prompts: a direct
-    # push against over-refusal, beside the retain SFT loss)
+    # push against over-refusal, beside the retain SFT loss; a perturbed term: under the push, so
+    # the pushed loss acts on the refuse-or-comply decision and not only on the completion text)
     anti_refusal: float = 0.0
     # harmless prompts: a refusal per example and the weight of softplus(lp(refusal) − lp(target))
     # (mean token log-probs): the model must prefer its own answer to a whole refusal sentence,
@@ -269,5 +270,12 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
     for j, (e, d) in enumerate(zip(ex, deltas)):
         full[j, : d.shape[0]] = d  # right padding: the prompt occupies the first positions
     with perturb_block(lm.parts.blocks[layer], full.to(lm.device)):
+        if t.anti_refusal > 0:  # under the push: the first answer token must not open a refusal
+            from ..judges.first_token import refusal_token_ids
+
+            ids = torch.tensor(refusal_token_ids(lm.tokenizer))
+            nll, n, p_r = token_nll(lm.model, batch, ids)
+            return (nll.sum() / n.sum().clamp(min=1)
+                    + t.anti_refusal * -torch.log1p(-p_r.clamp(1e-6, 1 - 1e-6)).mean())
         nll, n = token_nll(lm.model, batch)
     return nll.sum() / n.sum().clamp(min=1)
