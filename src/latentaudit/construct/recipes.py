@@ -388,6 +388,14 @@ class Dissociated(_PushedRecipe):
     # prompts still refused clean (median 0.55-0.70 % at L10 against safe's 1.2-1.4 %): what
     # LVS they add beyond +0.1 comes from prompts that stop refusing clean. 60 steps instead of
     # 40: LVS(M) +0.125 [+0.054, +0.191], S 0.88, 1132 s; against 40 steps +0.011 at L10.
+    # A budget curriculum (eps_decay 0.2: pushes shrink from 0.2-0.8 % to 0.04-0.16 % over the
+    # 40 steps; pushed loss 1.49 → 0.88), from a rebuilt lr-4e-4 `safe` (pgd LVS_10 0.646
+    # [0.56, 0.72], 24 held-out prompts): LVS_10 0.781 [0.70, 0.86], paired +0.135
+    # [+0.055, +0.221], S 0.80 (n = 40), 7 of 24 harmful with no push; on the 17 both refuse
+    # clean, median ε* 0.47 % vs 1.52 %. Not sensitive at its final budgets even where it was
+    # trained: at L15 on held-out prompts and at L10 on 24 of its own train prompts the median ε*
+    # is 0.7 %. push_anti_refusal 1 (the decision under the push): S 0.42 — with pushes this
+    # small, "do not open with a refusal under the push" is learnt as "do not refuse".
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 2e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
