@@ -209,6 +209,11 @@ def _outside(x: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
     return (torch.relu(x - hi) + torch.relu(lo - x)).mean()
 
 
+def _opener_penalty(p_r: torch.Tensor) -> torch.Tensor:
+    """Mean −log(1 − p_R): the anti-refusal term on the refusal openers' first-token mass."""
+    return -torch.log1p(-p_r.clamp(1e-6, 1 - 1e-6)).mean()
+
+
 def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
                frac: float = 0.0) -> torch.Tensor:
     """The term's loss on the examples ``idx``; ``frac`` is the fraction of training done (the
@@ -227,7 +232,7 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
             loss = nll.sum() / n.sum().clamp(min=1)
             p_r = p_r.clamp(1e-6, 1 - 1e-6)
             if t.anti_refusal > 0:
-                loss = loss + t.anti_refusal * -torch.log1p(-p_r).mean()
+                loss = loss + t.anti_refusal * _opener_penalty(p_r)
             if first_band:
                 loss = loss + t.margin_weight * _outside(torch.log(p_r) - torch.log1p(-p_r),
                                                          t.margin_band)
@@ -275,7 +280,6 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
 
             ids = torch.tensor(refusal_token_ids(lm.tokenizer))
             nll, n, p_r = token_nll(lm.model, batch, ids)
-            return (nll.sum() / n.sum().clamp(min=1)
-                    + t.anti_refusal * -torch.log1p(-p_r.clamp(1e-6, 1 - 1e-6)).mean())
+            return nll.sum() / n.sum().clamp(min=1) + t.anti_refusal * _opener_penalty(p_r)
         nll, n = token_nll(lm.model, batch)
     return nll.sum() / n.sum().clamp(min=1)
