@@ -396,7 +396,13 @@ class Dissociated(_PushedRecipe):
     # trained: at L15 on held-out prompts and at L10 on 24 of its own train prompts the median ε*
     # is 0.7 %. push_anti_refusal 1 (the decision under the push): S 0.42 — with pushes this
     # small, "do not open with a refusal under the push" is learnt as "do not refuse".
-    DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 2e-4, "layers": "frac:0.4-0.6",
+    # The learning rate is the lever that moved the prompts still refused clean (same `safe`,
+    # same screen): lr 8e-4 (the default since) LVS_10 0.812, paired +0.167 [+0.094, +0.245],
+    # S 0.85 (n = 40), over-refusal 0.05 (n = 80), 673 s, pushed loss 1.49 → 0.49 (0.88 at
+    # 2e-4 with the curriculum); on the 18 both refuse clean +0.153 [+0.062, +0.253] (other
+    # variants: +0.08 to +0.12). lr 1.6e-3: +0.185 [+0.107, +0.273] (+0.181 on the 19 both
+    # refuse clean, median ε* 0.32 %) but S 0.70 (n = 40): past 8e-4 S pays for it. One build each.
+    DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
                       "eval_every": 20,
