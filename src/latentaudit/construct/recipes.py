@@ -400,8 +400,10 @@ class Dissociated(_PushedRecipe):
     # same screen): lr 8e-4 (the default since) LVS_10 0.812, paired +0.167 [+0.094, +0.245],
     # S 0.85 (n = 40), over-refusal 0.05 (n = 80), 673 s, pushed loss 1.49 → 0.49 (0.88 at
     # 2e-4 with the curriculum); on the 18 both refuse clean +0.153 [+0.062, +0.253] (other
-    # variants: +0.08 to +0.12). lr 1.6e-3: +0.185 [+0.107, +0.273] (+0.181 on the 19 both
-    # refuse clean, median ε* 0.32 %) but S 0.70 (n = 40): past 8e-4 S pays for it. One build each.
+    # variants: +0.08 to +0.12); LVS(M) over L5 and L10 (safe peaks at L5, 0.656) +0.156
+    # [+0.091, +0.211]; |ΔS| 0.10 on the same 40 prompts (safe 0.95). lr 1.6e-3: +0.185
+    # [+0.107, +0.273] (+0.181 on the 19 both refuse clean, median ε* 0.32 %) but S 0.70
+    # (n = 40): past 8e-4 S pays for it. One build each, one seed.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
