@@ -403,7 +403,8 @@ class Dissociated(_PushedRecipe):
     # variants: +0.08 to +0.12); LVS(M) over L5 and L10 (safe peaks at L5, 0.656) +0.156
     # [+0.091, +0.211]; |ΔS| 0.10 on the same 40 prompts (safe 0.95). lr 1.6e-3: +0.185
     # [+0.107, +0.273] (+0.181 on the 19 both refuse clean, median ε* 0.32 %) but S 0.70
-    # (n = 40): past 8e-4 S pays for it. One build each, one seed.
+    # (n = 40): past 8e-4 S pays for it; lr 1.6e-3 with clean_weight 4 holds S (0.90) but loses
+    # the fragility (+0.055 [−0.034, +0.135], median ε* 0.70 %). One build each, one seed.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
