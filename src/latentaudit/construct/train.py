@@ -214,6 +214,13 @@ def _opener_penalty(p_r: torch.Tensor) -> torch.Tensor:
     return -torch.log1p(-p_r.clamp(1e-6, 1 - 1e-6)).mean()
 
 
+def _nll_and_openers(lm: LoadedModel, batch: dict):
+    """token_nll plus the refusal openers' mass at each row's first answer token."""
+    from ..judges.first_token import refusal_token_ids
+
+    return token_nll(lm.model, batch, torch.tensor(refusal_token_ids(lm.tokenizer)))
+
+
 def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
                frac: float = 0.0) -> torch.Tensor:
     """The term's loss on the examples ``idx``; ``frac`` is the fraction of training done (the
@@ -225,10 +232,7 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
         seq_band = banded and bool(t.margin_examples)
         first_band = banded and not t.margin_examples
         if t.anti_refusal > 0 or first_band:
-            from ..judges.first_token import refusal_token_ids
-
-            ids = torch.tensor(refusal_token_ids(lm.tokenizer))
-            nll, n, p_r = token_nll(lm.model, batch, ids)
+            nll, n, p_r = _nll_and_openers(lm, batch)
             loss = nll.sum() / n.sum().clamp(min=1)
             p_r = p_r.clamp(1e-6, 1 - 1e-6)
             if t.anti_refusal > 0:
@@ -276,10 +280,7 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
         full[j, : d.shape[0]] = d  # right padding: the prompt occupies the first positions
     with perturb_block(lm.parts.blocks[layer], full.to(lm.device)):
         if t.anti_refusal > 0:  # under the push: the first answer token must not open a refusal
-            from ..judges.first_token import refusal_token_ids
-
-            ids = torch.tensor(refusal_token_ids(lm.tokenizer))
-            nll, n, p_r = token_nll(lm.model, batch, ids)
+            nll, n, p_r = _nll_and_openers(lm, batch)
             return nll.sum() / n.sum().clamp(min=1) + t.anti_refusal * _opener_penalty(p_r)
         nll, n = token_nll(lm.model, batch)
     return nll.sum() / n.sum().clamp(min=1)
