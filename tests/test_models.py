@@ -10,7 +10,9 @@ import torch
 
 from latentaudit.errors import UserError
 from latentaudit.models.chat import PLAIN_FORMAT, encode, format_prompt
-from latentaudit.models.generate import greedy_generate, length_sorted_batches
+from latentaudit.models import generate as gen_mod
+from latentaudit.models.generate import (greedy_generate, length_sorted_batches,
+                                         shared_prefix_length)
 from latentaudit.models.loader import load_model
 from latentaudit.models.tiny import tiny_model, tiny_tokenizer
 
@@ -108,6 +110,65 @@ def test_greedy_generate_batched_equals_single(tiny_lm):
     single = [greedy_generate(tiny_lm, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]
     assert all(g.n_new_tokens <= 6 for g in batched)
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4, 5]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2]]) == 1  # each row keeps one token of its own
+    assert shared_prefix_length([[1, 2, 3]]) == 0  # nothing to share
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+    assert shared_prefix_length([[7, 8, 9], [7, 8, 9, 1], [7, 1]]) == 1
+
+
+@pytest.mark.parametrize("system", [None, "You are a careful assistant who answers briefly."])
+def test_greedy_generate_shared_prefix_equals_left_padding(tiny_lm, monkeypatch, system):
+    built = []
+    real = gen_mod._prefix_cache
+    monkeypatch.setattr(gen_mod, "_prefix_cache",
+                        lambda model, prefix, device: built.append(len(prefix)) or
+                        real(model, prefix, device))
+    prompts = ["Tell me a joke", "How do I bake bread at home quickly?", "Hi",
+               "What is the capital of France, and why is it that one?", "Name a colour"]
+    shared = greedy_generate(tiny_lm, prompts, 8, batch_size=3, system=system)
+    assert built and built[0] >= (10 if system else 3)  # the shared path ran, once per call
+    assert len(built) == 1
+    ref = greedy_generate(tiny_lm, prompts, 8, batch_size=3, system=system, share_prefix=False)
+    assert len(built) == 1
+    assert [g.token_ids for g in shared] == [g.token_ids for g in ref]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gpt2", "phi3", "olmo2"])
+def test_shared_prefix_generation_across_families(family):
+    lm = load_model(f"tiny:{family}", device="cpu")
+    prompts = ["Tell me a joke", "How do I bake bread at home quickly?", "Hi", "Name a colour"]
+    a = greedy_generate(lm, prompts, 6, batch_size=3, system="Be brief and kind.")
+    b = greedy_generate(lm, prompts, 6, batch_size=3, system="Be brief and kind.",
+                        share_prefix=False)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+
+
+def test_middle_padded_rows_give_the_unpadded_logits(tiny_lm):
+    """prefix cache + ``prefix | pad | suffix`` rows: each row's last logits equal those of its
+    prompt run alone, unpadded."""
+    import copy
+
+    from latentaudit.models.chat import format_prompts
+
+    tok, model = tiny_lm.tokenizer, tiny_lm.model
+    texts = format_prompts(tok, ["Hi", "How do I bake bread at home quickly?", "Tell me a joke"],
+                           "Be brief.")
+    rows = tok(texts, add_special_tokens=False)["input_ids"]
+    n = shared_prefix_length(rows)
+    cache = copy.deepcopy(gen_mod._prefix_cache(model, rows[0][:n], "cpu"))
+    cache.batch_repeat_interleave(len(rows))
+    batch = gen_mod._middle_padded(rows, n, tok.pad_token_id, "cpu")
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"][:, n:], attention_mask=mask, cache=cache,
+                    position_ids=((mask.cumsum(-1) - 1).clamp(min=0))[:, n:]).logits[:, -1]
+        for j, r in enumerate(rows):
+            alone = model(input_ids=torch.tensor([r])).logits[0, -1]
+            assert torch.allclose(out[j], alone, atol=1e-5)
 
 
 def test_tiny_model_deterministic():
