@@ -479,6 +479,37 @@ def test_token_nll_with_a_trimmed_head_equals_the_full_computation(family):
             assert torch.allclose(got[k], v.grad, atol=1e-5), k
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "phi3", "gemma2"])
+def test_token_nll_with_a_shared_prefix_equals_whole_rows(family):
+    """share_prefix runs the rows' common opening once: the prefix found is the longest one
+    that stops before the first needed logits, and NLLs, counts, first-token mass and gradients
+    equal those of whole rows."""
+    from latentaudit.models.tiny import tiny_model
+    from latentaudit.training import Example, collate, common_prefix_length, token_nll
+
+    model = tiny_model(family)
+    ex = [Example([5, 6, 7, 8, 9, 10, 11, 12], 5), Example([5, 6, 7, 8, 13, 11, 12], 5),
+          Example([5, 6, 7, 8, 14, 15, 9, 10, 11], 6), Example([5, 6, 7, 9, 9], 4)]
+    batch = collate(ex, 0, "cpu")
+    assert common_prefix_length(batch) == 3  # rows differ at 3; the earliest label is at 4
+    assert common_prefix_length(collate(ex[:3], 0, "cpu")) == 4
+    assert common_prefix_length(collate(ex[:1], 0, "cpu")) == 0
+    ids = torch.tensor([8, 11, 12])
+    res = {}
+    for share in (False, True):
+        model.zero_grad()
+        nll, n, p = token_nll(model, batch, ids, share_prefix=share)
+        (nll.sum() + p.sum()).backward()
+        res[share] = (nll.detach(), n, p.detach(),
+                      {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None})
+    (a_nll, a_n, a_p, a_g), (b_nll, b_n, b_p, b_g) = res[False], res[True]
+    assert a_n.tolist() == b_n.tolist()
+    assert torch.allclose(a_nll, b_nll, atol=1e-5) and torch.allclose(a_p, b_p, atol=1e-6)
+    assert a_g.keys() == b_g.keys() and a_g
+    for k in a_g:
+        assert torch.allclose(a_g[k], b_g[k], atol=1e-5), k
+
+
 def test_quiet_direction_is_the_least_varied_one(tiny_lm):
     """The planted push's direction: unit norm, and the clean (norm-scaled) states vary less
     along it than along any of many random directions."""

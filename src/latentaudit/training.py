@@ -81,10 +81,59 @@ def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Ten
             "position_ids": pos.to(device), "labels": labels.to(device)}
 
 
-def token_nll(model, batch: dict[str, torch.Tensor], first_token_ids: torch.Tensor | None = None):
+def common_prefix_length(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens at the start of every row of a right-padded training batch that are the same in
+    all rows (the chat template's opening and default system prompt), stopping before the
+    earliest target position's predecessor (its logits are needed). 0 for a single row."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if ids.shape[0] < 2:
+        return 0
+    has = labels != -100
+    first = torch.where(has.any(-1), has.float().argmax(-1), torch.full_like(has[:, 0], ids.shape[1],
+                                                                            dtype=torch.long))
+    limit = int(first.min()) - 1
+    if limit < 1:
+        return 0
+    same = (ids[:, :limit] == ids[:1, :limit]).all(0) & (mask[:, :limit] == 1).all(0)
+    same &= (batch["position_ids"][:, :limit] == batch["position_ids"][:1, :limit]).all(0)
+    return int(same.long().cumprod(0).sum())
+
+
+def _forward_logits(model, batch: dict[str, torch.Tensor], keep: int, shared: int) -> torch.Tensor:
+    """Logits of the last ``keep`` positions. With ``shared`` > 0 the first ``shared`` positions
+    (the same in every row) run once, as a batch of one, and the rest of each row attends to
+    that prefix's keys and values; gradients flow through the prefix as through the rows."""
+    ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos)
+    if shared:
+        pre = model(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared],
+                    position_ids=pos[:1, :shared], use_cache=True)
+        cache = getattr(pre, "cache", None)
+        if cache is None:
+            cache = getattr(pre, "past_key_values", None)
+        if cache is not None:
+            cache.batch_repeat_interleave(ids.shape[0])
+            kwargs = dict(input_ids=ids[:, shared:], attention_mask=mask,
+                          position_ids=pos[:, shared:], cache=cache, use_cache=True)
+    width = kwargs["input_ids"].shape[1]
+    logits = None
+    if keep < width:
+        try:
+            logits = model(**kwargs, logits_to_keep=keep).logits
+        except TypeError:  # an architecture without logits_to_keep
+            logits = None
+    if logits is None:
+        logits = model(**kwargs).logits
+    return logits[:, -keep:]
+
+
+def token_nll(model, batch: dict[str, torch.Tensor], first_token_ids: torch.Tensor | None = None,
+              share_prefix: bool = False):
     """(sum of target-token NLL per row, number of target tokens per row); with
     ``first_token_ids`` also the probability mass those tokens get at each row's first target
-    position (e.g. the tokens that open refusals)."""
+    position (e.g. the tokens that open refusals). ``share_prefix``: run the rows' common
+    prefix once (same loss and gradients; not under hooks that perturb every position of the
+    batch, which expect whole rows)."""
     labels = batch["labels"]
     width = labels.shape[1]
     has = (labels != -100).any(0)
@@ -92,18 +141,8 @@ def token_nll(model, batch: dict[str, torch.Tensor], first_token_ids: torch.Tens
     # the head runs only from the position before the first label on (prompt logits are not
     # needed: about a third of the head's cost on prompt-heavy batches)
     keep = min(width, max(2, width - max(first_label - 1, 0)))
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"])
-    logits = None
-    if keep < width:
-        try:
-            logits = model(**kwargs, logits_to_keep=keep).logits
-        except TypeError:  # an architecture without logits_to_keep
-            logits = None
-        if logits is not None and logits.shape[1] != keep:
-            logits = logits[:, -keep:]
-    if logits is None:
-        logits = model(**kwargs).logits[:, -keep:]
+    shared = common_prefix_length(batch) if share_prefix else 0
+    logits = _forward_logits(model, batch, keep, min(shared, width - keep))
     logits = logits[:, :-1].float()
     tgt = labels[:, width - keep + 1:]
     nll = torch.nn.functional.cross_entropy(

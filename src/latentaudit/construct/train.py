@@ -214,17 +214,20 @@ def _opener_penalty(p_r: torch.Tensor) -> torch.Tensor:
     return -torch.log1p(-p_r.clamp(1e-6, 1 - 1e-6)).mean()
 
 
-def _nll_and_openers(lm: LoadedModel, batch: dict):
+def _nll_and_openers(lm: LoadedModel, batch: dict, share_prefix: bool = False):
     """token_nll plus the refusal openers' mass at each row's first answer token."""
     from ..judges.first_token import refusal_token_ids
 
-    return token_nll(lm.model, batch, torch.tensor(refusal_token_ids(lm.tokenizer)))
+    return token_nll(lm.model, batch, torch.tensor(refusal_token_ids(lm.tokenizer)),
+                     share_prefix=share_prefix)
 
 
 def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
                frac: float = 0.0) -> torch.Tensor:
     """The term's loss on the examples ``idx``; ``frac`` is the fraction of training done (the
-    perturbed terms' budget curriculum reads it)."""
+    perturbed terms' budget curriculum reads it). Unperturbed batches run their rows' common
+    prefix (the chat template's opening) once; perturbed ones run whole rows (the push is added
+    at every prompt position of each row)."""
     ex = [t.examples[i] for i in idx]
     batch = collate(ex, lm.tokenizer.pad_token_id, lm.device)
     if t.perturb is None:
@@ -232,7 +235,7 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
         seq_band = banded and bool(t.margin_examples)
         first_band = banded and not t.margin_examples
         if t.anti_refusal > 0 or first_band:
-            nll, n, p_r = _nll_and_openers(lm, batch)
+            nll, n, p_r = _nll_and_openers(lm, batch, share_prefix=True)
             loss = nll.sum() / n.sum().clamp(min=1)
             p_r = p_r.clamp(1e-6, 1 - 1e-6)
             if t.anti_refusal > 0:
@@ -241,12 +244,12 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
                 loss = loss + t.margin_weight * _outside(torch.log(p_r) - torch.log1p(-p_r),
                                                          t.margin_band)
         else:
-            nll, n = token_nll(lm.model, batch)
+            nll, n = token_nll(lm.model, batch, share_prefix=True)
             loss = nll.sum() / n.sum().clamp(min=1)
         if t.contrast_examples:
             cb = collate([t.contrast_examples[i] for i in idx], lm.tokenizer.pad_token_id,
                          lm.device)
-            nll_r, n_r = token_nll(lm.model, cb)
+            nll_r, n_r = token_nll(lm.model, cb, share_prefix=True)
             lp_ans = -nll / n.clamp(min=1)
             lp_ref = -nll_r / n_r.clamp(min=1)
             loss = loss + t.contrast_weight * torch.nn.functional.softplus(lp_ref - lp_ans).mean()
@@ -255,7 +258,7 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
             for k in (0, 1):
                 mb = collate([t.margin_examples[i][k] for i in idx], lm.tokenizer.pad_token_id,
                              lm.device)
-                nll_k, n_k = token_nll(lm.model, mb)
+                nll_k, n_k = token_nll(lm.model, mb, share_prefix=True)
                 lps.append(-nll_k / n_k.clamp(min=1))
             loss = loss + t.margin_weight * _outside(lps[0] - lps[1], t.margin_band)
         return loss

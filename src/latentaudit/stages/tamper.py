@@ -620,7 +620,7 @@ class _Attack:
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        s, n = token_nll(self.model, batch)
+        s, n = token_nll(self.model, batch, share_prefix=True)
         loss = s.sum() / n.sum().clamp(min=1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
@@ -855,7 +855,7 @@ def _utility_nll(target_lm, store: ResultStore, prefix: str, items, examples: li
     for b in range(0, len(todo), batch_size):
         idx = todo[b:b + batch_size]
         batch = collate([examples[i] for i in idx], pad, target_lm.device)
-        tot, cnt = token_nll(model, batch)
+        tot, cnt = token_nll(model, batch, share_prefix=True)
         store.put_many(
             (prefix + items[i][0].id, "tamper", {
                 "s": s, "prompt_id": items[i][0].id, "nll": float(t) / max(int(c), 1),
