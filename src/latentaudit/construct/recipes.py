@@ -405,6 +405,16 @@ class Dissociated(_PushedRecipe):
     # [+0.107, +0.273] (+0.181 on the 19 both refuse clean, median ε* 0.32 %) but S 0.70
     # (n = 40): past 8e-4 S pays for it; lr 1.6e-3 with clean_weight 4 holds S (0.90) but loses
     # the fragility (+0.055 [−0.034, +0.135], median ε* 0.70 %). One build each, one seed.
+    # 120 steps at lr 8e-4 (same `safe`, same screens): pushed loss 0.15, clean-refusal loss on
+    # the train prompts 0.05 (both memorised; held-out val refusal swings 0.25-0.81 between
+    # evaluations), S 0.75 (n = 40), 9 of 24 harmful with no push; LVS(M) over L5/L10 +0.203
+    # [+0.115, +0.279], but +0.146 on the 15 both refuse clean (median ε* 0.32 % vs 1.52 %):
+    # more steps move along the same S-versus-fragility frontier as a higher lr. push=planted
+    # at lr 8e-4, ε 0.1-0.4 %: S 0.90, LVS_15 0.711 against safe's 0.542 (+0.169 [+0.094,
+    # +0.245]), yet the planted push itself (the build's own direction at L15, ε up to 0.8 %,
+    # either sign) changes no answer on 24 train or 24 held-out prompts: with one of six layers
+    # drawn per step, 40 steps did not teach the decision the trigger (its pushed loss, 0.60,
+    # is the continuation's); the LVS it adds is the general kind. 635 s.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
