@@ -89,8 +89,7 @@ def common_prefix_length(batch: dict[str, torch.Tensor]) -> int:
     if ids.shape[0] < 2:
         return 0
     has = labels != -100
-    first = torch.where(has.any(-1), has.float().argmax(-1), torch.full_like(has[:, 0], ids.shape[1],
-                                                                            dtype=torch.long))
+    first = torch.where(has.any(-1), has.float().argmax(-1), ids.shape[1])  # per row
     limit = int(first.min()) - 1
     if limit < 1:
         return 0

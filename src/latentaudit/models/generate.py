@@ -1,7 +1,7 @@
 """Batched greedy generation: prompts sorted by length, results in input order.
 
 Chat-formatted prompts share a prefix (the template's opening, and the default system prompt
-where the template has one: about 22 of SmolLM2's ~55 prompt tokens). Its keys and values are
+where the template has one: 24 of a mean 44 prompt tokens on SmolLM2's test prompts). Its keys and values are
 computed once per call and reused by every batch: each row is laid out as
 ``shared prefix | padding | own suffix``, with the padding masked out, so position ids (counted
 over real tokens) are those of the unpadded prompt. Without a shared prefix, rows are left-padded.
@@ -9,10 +9,9 @@ over real tokens) are those of the unpadded prompt. Without a shared prefix, row
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Sequence
-
-import copy
 
 import torch
 
