@@ -414,7 +414,11 @@ class Dissociated(_PushedRecipe):
     # +0.245]), yet the planted push itself (the build's own direction at L15, ε up to 0.8 %,
     # either sign) changes no answer on 24 train or 24 held-out prompts: with one of six layers
     # drawn per step, 40 steps did not teach the decision the trigger (its pushed loss, 0.60,
-    # is the continuation's); the LVS it adds is the general kind. 635 s.
+    # is the continuation's); the LVS it adds is the general kind. 635 s. Planted at L15 only
+    # (ε 0.15-0.4 %) with push_anti_refusal 1: S 0.17, the trigger again inert: at these
+    # budgets even a fixed direction is not told apart from the clean state in 40 steps.
+    # Rebuilt cold with the defaults (full held-out splits): S 0.80 (n = 90) against `safe`'s
+    # 0.911, |ΔS| 0.111.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
