@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .models.chat import format_prompt, has_chat_template
-from .models.generate import greedy_config
+from .models.generate import forward_cache, greedy_config
 
 
 def stop_ids(tok) -> set[int]:
@@ -105,11 +105,8 @@ def _forward_logits(model, batch: dict[str, torch.Tensor], keep: int, shared: in
     ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos)
     if shared:
-        pre = model(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared],
-                    position_ids=pos[:1, :shared], use_cache=True)
-        cache = getattr(pre, "cache", None)
-        if cache is None:
-            cache = getattr(pre, "past_key_values", None)
+        cache = forward_cache(model, input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared],
+                              position_ids=pos[:1, :shared])
         if cache is not None:
             cache.batch_repeat_interleave(ids.shape[0])
             kwargs = dict(input_ids=ids[:, shared:], attention_mask=mask,

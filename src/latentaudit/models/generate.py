@@ -107,12 +107,18 @@ def greedy_generate(
     return out  # type: ignore[return-value]
 
 
-def _prefix_cache(model, prefix: list[int], device):
-    """The key/value cache of the shared prefix (batch 1), or None where the model keeps none."""
-    ids = torch.tensor([prefix], device=device)
-    res = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+def forward_cache(model, **inputs):
+    """Run ``model`` on ``inputs`` keeping its key/value cache, and return that cache (None
+    where the model keeps none). Gradients flow through it when the caller's mode allows."""
+    res = model(**inputs, use_cache=True)
     cache = getattr(res, "cache", None)
     return cache if cache is not None else getattr(res, "past_key_values", None)
+
+
+def _prefix_cache(model, prefix: list[int], device):
+    """The key/value cache of the shared prefix (batch 1)."""
+    ids = torch.tensor([prefix], device=device)
+    return forward_cache(model, input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
 def _middle_padded(rows: list[list[int]], n_shared: int, pad_id: int, device) -> dict:
