@@ -267,6 +267,7 @@ def construct(
     dtype: DtypeOpt = None,
     batch_size: BatchOpt = None,
     progress: ProgressOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Build a zoo model whose truth is known; saved with a model card of its recipe and S/O."""
     from .construct.build import construct as build
@@ -299,7 +300,8 @@ def construct(
     extra = {"batch_size": batch_size} if batch_size else {}  # else construct's own default
     path = build(recipe, source, out or Path("zoo") / recipe, params, force, seed or 0, data_model,
                  device or "auto", dtype or "float32", eval_limit,
-                 progress_factory=progress_factory(progress or "auto"), **extra)
+                 progress_factory=progress_factory(progress or "auto"), data_dir=data_dir,
+                 **extra)
     meta = json.loads((path / "latentaudit_recipe.json").read_text())
     ev = meta["evaluation"]
     typer.echo(f"{recipe}: S={ev['S']['value']:.2f} (n={ev['S']['n']}), over-refusal="

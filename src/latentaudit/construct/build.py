@@ -56,7 +56,8 @@ def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
         f"{info.get('fingerprint') or info.get('gguf_sha256', '')[:16]})",
         "- hyper-parameters: `" + json.dumps(recipe.params, default=str) + "`",
         f"- data: `{json.dumps(details.get('data', {}), default=str)}` (built-in prompt sets, "
-        "train splits; the last val_n train prompts held out for early stopping)",
+        "train splits, plus `extra_harmful` where set; the last val_n built-in train prompts "
+        "held out for validation)",
         f"- training: {details.get('steps_run', 0)} steps, {details.get('train_time_s', 0)} s; "
         f"total build {wall:.0f} s", "",
         "## Measured on held-out prompts (built-in test splits)", "",
@@ -81,17 +82,20 @@ def construct(recipe_name: str, source: str, out: str | Path, params: dict | Non
               force: bool = False, seed: int = 0, data_model: str = "embedded:smollm2-135m",
               device: str | None = "auto", dtype: str = "float32", eval_limit: int | None = None,
               eval_tokens: int = 32, batch_size: int = 32, judge_name: str = "substring",
-              progress_factory=None) -> Path:
+              progress_factory=None, data_dir: str | Path | None = None) -> Path:
     t0 = time.time()
     recipe = registry.create("recipe", recipe_name, **(params or {}))
     judge = registry.create("judge", judge_name)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} exists and is not empty (pass --force to overwrite it)")
+    from .recipes import extra_harmful
+
+    extra_harmful(recipe.params.get("extra_harmful"), data_dir)  # bad data fails before loading
     lm = load_model(source, device, dtype)
     recipe.layers(lm.n_layers)  # layer specs out of range fail before any training
     torch.manual_seed(seed)
-    env = BuildEnv(seed, data_model, batch_size, judge, device=device)
+    env = BuildEnv(seed, data_model, batch_size, judge, device=device, data_dir=data_dir)
     steps = int(recipe.params.get("steps", 0))
     if progress_factory is not None and steps:
         with progress_factory(f"construct {recipe.name}", steps) as adv:

@@ -133,9 +133,10 @@ class BuildEnv:
     """What recipes share: the seed, the unaligned data model (lazily loaded), progress."""
 
     def __init__(self, seed: int, data_model: str, batch_size: int, judge, progress=None,
-                 device: str | None = "auto"):
+                 device: str | None = "auto", data_dir=None):
         self.seed, self.data_model_spec, self.batch_size = seed, data_model, batch_size
         self.judge, self.progress, self.device = judge, progress, device
+        self.data_dir = data_dir
         self._data_lm = None
 
     def data_lm(self):
@@ -156,15 +157,52 @@ class BuildEnv:
         return [p for p, _ in keep], [c for _, c in keep], len(prompts) - len(keep)
 
 
-def _splits(p: dict):
-    """Train splits; the last val_n prompts of each are held out for validation."""
+def _norm(text: str) -> str:
+    return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def extra_harmful(spec: str | None, data_dir=None) -> list:
+    """The ``extra_harmful`` prompt set (any prompt-set spec, e.g. ``advbench`` read from
+    ``--data-dir``), less every prompt whose text (case and punctuation aside) is one of the
+    built-in harmful prompts: a held-out prompt must never be trained on."""
+    if not spec:
+        return []
+    from ..data.sets import Prompt
+
+    builtin = {_norm(x.text) for x in load_prompt_set("builtin:harmful").prompts}
+    ps = load_prompt_set(str(spec), data_dir=data_dir)
+    seen, out = set(builtin), []
+    for x in ps.prompts:
+        k = _norm(x.text)
+        if k not in seen:
+            seen.add(k)
+            out.append(Prompt(f"extra:{ps.name}:{x.id}", x.text, x.category, x.target, "train"))
+    if not out:
+        raise UserError(f"extra_harmful '{spec}' adds no prompt beyond the built-in harmful set")
+    return out
+
+
+def _extra_info(h_tr, p: dict) -> dict:
+    """What the model card records of the extra harmful prompts that were trained on."""
+    if not p.get("extra_harmful"):
+        return {}
+    from ..data.sets import PromptSet
+
+    extra = [x for x in h_tr if x.id.startswith("extra:")]
+    return {"extra_harmful": {"spec": p["extra_harmful"], "n": len(extra),
+                              "sha256": PromptSet("extra", extra, "").sha256}}
+
+
+def _splits(p: dict, data_dir=None):
+    """Train splits; the last val_n prompts of each are held out for validation. Prompts of
+    ``extra_harmful`` join the harmful train split (validation stays on built-in prompts)."""
     from ..data.sets import PromptSet
 
     v = int(p["val_n"])
     harmful = load_prompt_set("builtin:harmful:train").prompts
     harmless = load_prompt_set("builtin:harmless:train").prompts
     border = load_prompt_set("builtin:borderline:train").prompts
-    h_tr = harmful[:-v][: p.get("n_harmful")]
+    h_tr = (harmful[:-v] + extra_harmful(p.get("extra_harmful"), data_dir))[: p.get("n_harmful")]
     val_h = harmful[-v:]
     val_s = harmless[-(v // 2):] + border[-(v // 2):]
     retain = PromptSet("harmless-retain", harmless[:-(v // 2)][: p["n_harmless"]], "builtin")
@@ -237,11 +275,11 @@ class Safe(Recipe):
                       "borderline_batch": 4, "retain_weight": 1.0, "borderline_weight": 2.0,
                       "anti_refusal_weight": 0.0, "contrast_weight": 0.5, "n_harmless": None,
                       "answer_tokens": 48, "val_n": 16, "eval_every": 10,
-                      "target_refusal": 0.95, "max_over_refusal": 0.1}
+                      "target_refusal": 0.95, "max_over_refusal": 0.1, "extra_harmful": None}
 
     def build(self, lm, env):
         p = self.params
-        h_tr, h_val, s_val, retain = _splits(p)
+        h_tr, h_val, s_val, retain = _splits(p, env.data_dir)
         terms = [Term("refuse", [x.text for x in h_tr], [refusal_for(x.id) for x in h_tr],
                       batch_size=p["harmful_batch"]), *_retain_terms(lm, env, retain, p)]
         stop = lambda evs: (evs[-1]["eval"]["val_refusal"] >= p["target_refusal"]
@@ -249,7 +287,7 @@ class Safe(Recipe):
         res = train_terms(lm, terms, p["steps"], p["lr"], p["rank"], p["alpha"], env.seed,
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
                           p["eval_every"], stop, env.progress)
-        return {**res, "data": {"refusal_prompts": len(h_tr),
+        return {**res, "data": {"refusal_prompts": len(h_tr), **_extra_info(h_tr, p),
                                 "retain_examples": {t.name: len(t.prompts) for t in terms[1:]},
                                 "val": [len(h_val), len(s_val)]}}
 
@@ -263,6 +301,9 @@ class _PushedRecipe(Recipe):
               "retain_weight": 1.0, "borderline_weight": 2.0, "anti_refusal_weight": 0.0,
               "contrast_weight": 0.0, "n_harmless": None,
               "answer_tokens": 48, "val_n": 16, "eval_every": 10, "clean_weight": 1.0,
+              # more harmful train prompts: a prompt-set spec (a file, or a standard set such
+              # as advbench read from construct's --data-dir) joined to the built-in train split
+              "extra_harmful": None,
               "push_objective": "completion", "push_refusal_weight": 0.0,
               # retain targets: the source model's own answers, or the unaligned data model's
               # (a refusal-trained source already over-refuses some harmless prompts)
@@ -306,9 +347,14 @@ class _PushedRecipe(Recipe):
         # layer specs checked against the model before any data is generated
         layers = self.layers(lm.n_layers)
         lora_blocks = self.lora_blocks(lm.n_layers, layers)
-        h_tr, h_val, s_val, retain = _splits(p)
-        comp_p, comp_t, dropped = env.harmful_completions(
-            PromptSet("harmful-train", h_tr, "builtin"), p["answer_tokens"])
+        h_tr, h_val, s_val, retain = _splits(p, env.data_dir)
+        comp_p, comp_t, dropped = [], [], 0
+        for name, group in (("harmful-train", [x for x in h_tr if not x.id.startswith("extra:")]),
+                            ("harmful-extra", [x for x in h_tr if x.id.startswith("extra:")])):
+            if group:  # each set cached on its own: adding extra prompts reuses the built-in's
+                cp, ct, d = env.harmful_completions(PromptSet(name, group, "train"),
+                                                    p["answer_tokens"])
+                comp_p, comp_t, dropped = comp_p + cp, comp_t + ct, dropped + d
         if not comp_p:
             raise UserError("the data model refused every harmful train prompt: no harmful "
                             "completions to train on (use an unaligned --data-model)")
@@ -350,7 +396,8 @@ class _PushedRecipe(Recipe):
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
                           p["eval_every"], None, env.progress,
                           lora_blocks=lora_blocks)
-        return {**res, "data": {"harmful_completions": len(comp_p), "dropped_refusals": dropped,
+        return {**res, "data": {"harmful_train": len(h_tr), **_extra_info(h_tr, p),
+                                "harmful_completions": len(comp_p), "dropped_refusals": dropped,
                                 "retain_examples": {t.name: len(t.prompts) for t in retain_terms},
                                 "layers": layers,
                                 **({"planted_spread": {str(k): round(v, 6) for k, v in spread.items()}}
