@@ -466,6 +466,14 @@ class Dissociated(_PushedRecipe):
     # budgets even a fixed direction is not told apart from the clean state in 40 steps.
     # Rebuilt cold with the defaults (full held-out splits): S 0.80 (n = 90) against `safe`'s
     # 0.911, |ΔS| 0.111.
+    # More variety (extra_harmful=advbench: 669 harmful train prompts, 654 with a harmful
+    # completion) at 120 steps: the train prompts are no longer memorised (clean-refusal loss
+    # 0.19, pushed 0.39) and S holds, 0.844 [0.76, 0.91] (n = 90; |ΔS| 0.067), over-refusal
+    # 0.078 (n = 193), but the fragility falls with it: LVS(M) over L5/L10 +0.128 [+0.039,
+    # +0.203] (L10 0.784), 5 of 24 harmful with no push, +0.082 on the 19 both refuse clean
+    # (median ε* 0.32-0.47 % vs 1.0-1.5 %). 2446 s. The same frontier, approached from the
+    # other side: against 120 steps on the built-in prompts alone, S 0.90 vs 0.75 (n = 40) and
+    # gap +0.128 vs +0.203.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
