@@ -476,9 +476,9 @@ class Dissociated(_PushedRecipe):
     # gap +0.128 vs +0.203. At 40 steps with lr 1.6e-3 (where the built-in prompts alone gave
     # +0.185, S 0.70): S 0.789 [0.69, 0.86] (n = 90), over-refusal 0.057, LVS(M) +0.081
     # [+0.013, +0.143] (L10 0.737), 773 s. AdvBench's prompts (another style than the built-in
-    # test split's) dilute the fragility: it reaches held-out prompts by their likeness to
-    # the train prompts, so what would help is more prompts like the held-out ones, not more
-    # prompts of any kind.
+    # test split's) dilute the fragility. My reading: it reaches held-out prompts by their
+    # likeness to the train prompts, so what would help is more prompts like the held-out
+    # ones, not more prompts of any kind (untested).
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
