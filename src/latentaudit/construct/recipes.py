@@ -481,7 +481,8 @@ class Dissociated(_PushedRecipe):
     # ones, not more prompts of any kind (untested).
     # lora_blocks=from-push (blocks 12-29 adapted, the backward pass stops at 12), defaults
     # otherwise: S 0.90 (n = 40) but over-refusal 0.20 (n = 80), LVS(M) +0.102 [+0.026, +0.167]
-    # (L10 0.758), training 665 s against 720 s of a full-LoRA build of the same shapes (1.08×).
+    # (L10 0.758); training 665 s against 720 s of the full-LoRA AdvBench build just before it
+    # and 631-771 s of the default on two earlier days: under 10 %, inside the day-to-day spread.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
