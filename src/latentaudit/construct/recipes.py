@@ -475,10 +475,11 @@ class Dissociated(_PushedRecipe):
     # other side: against 120 steps on the built-in prompts alone, S 0.90 vs 0.75 (n = 40) and
     # gap +0.128 vs +0.203. At 40 steps with lr 1.6e-3 (where the built-in prompts alone gave
     # +0.185, S 0.70): S 0.789 [0.69, 0.86] (n = 90), over-refusal 0.057, LVS(M) +0.081
-    # [+0.013, +0.143] (L10 0.737), 773 s. AdvBench's prompts (another style than the built-in
-    # test split's) dilute the fragility. My reading: it reaches held-out prompts by their
-    # likeness to the train prompts, so what would help is more prompts like the held-out
-    # ones, not more prompts of any kind (untested).
+    # [+0.013, +0.143] (L10 0.737), 773 s. Not a matter of style: on 24 JailbreakBench prompts
+    # (AdvBench's style, none trained on) the 120-step builds rank the same way at L10 — built-in
+    # prompts +0.221 [+0.16, +0.28] (11 of 24 harmful with no push), AdvBench added +0.143
+    # [+0.05, +0.23] (6 of 24) over `safe`. Fewer pushes per prompt give less fragility
+    # everywhere, and the fragility that many pushes per prompt give comes with lost refusal.
     # lora_blocks=from-push (blocks 12-29 adapted, the backward pass stops at 12), defaults
     # otherwise: S 0.90 (n = 40) but over-refusal 0.20 (n = 80), LVS(M) +0.102 [+0.026, +0.167]
     # (L10 0.758); training 665 s against 720 s of the full-LoRA AdvBench build just before it
