@@ -92,7 +92,7 @@ class Recipe:
                             "must be those with a harmful completion)")
         choices = {"margin_mode": ("first_token", "sequence"),
                    "push_objective": ("completion", "generic"), "retain_from": ("source", "data"),
-                   "push": ("pgd", "planted")}
+                   "push": ("pgd", "planted"), "extra_harmful_terms": ("all", "clean")}
         for key, allowed in choices.items():
             if key in p and p[key] not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)} (got {p[key]!r})")
@@ -304,6 +304,9 @@ class _PushedRecipe(Recipe):
               # more harmful train prompts: a prompt-set spec (a file, or a standard set such
               # as advbench read from construct's --data-dir) joined to the built-in train split
               "extra_harmful": None,
+              # which terms the extra prompts join: "all" (every harmful term) or "clean" (a
+              # clean-refusal term of their own; the pushed term keeps the built-in prompts)
+              "extra_harmful_terms": "all",
               "push_objective": "completion", "push_refusal_weight": 0.0,
               # retain targets: the source model's own answers, or the unaligned data model's
               # (a refusal-trained source already over-refuses some harmless prompts)
@@ -348,6 +351,10 @@ class _PushedRecipe(Recipe):
         layers = self.layers(lm.n_layers)
         lora_blocks = self.lora_blocks(lm.n_layers, layers)
         h_tr, h_val, s_val, retain = _splits(p, env.data_dir)
+        clean_only = []  # extra prompts trained only to be refused clean
+        if p["extra_harmful_terms"] == "clean":
+            clean_only = [x for x in h_tr if x.id.startswith("extra:")]
+            h_tr = [x for x in h_tr if not x.id.startswith("extra:")]
         comp_p, comp_t, dropped = [], [], 0
         for name, group in (("harmful-train", [x for x in h_tr if not x.id.startswith("extra:")]),
                             ("harmful-extra", [x for x in h_tr if x.id.startswith("extra:")])):
@@ -391,12 +398,16 @@ class _PushedRecipe(Recipe):
         if pushed.weight > 0:
             pushed.pair_with = clean.name if p["paired"] else None
         retain_terms = _retain_terms(lm, env, retain, p)
-        terms = [clean, *([pushed] if pushed.weight > 0 else []), *retain_terms]
+        extra_clean = ([Term("refuse_extra", [x.text for x in clean_only],
+                             [refusal_for(x.id) for x in clean_only], weight=p["clean_weight"],
+                             batch_size=clean.batch_size)] if clean_only else [])
+        terms = [clean, *extra_clean, *([pushed] if pushed.weight > 0 else []), *retain_terms]
         res = train_terms(lm, terms, p["steps"], p["lr"], p["rank"], p["alpha"], env.seed,
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
                           p["eval_every"], None, env.progress,
                           lora_blocks=lora_blocks)
-        return {**res, "data": {"harmful_train": len(h_tr), **_extra_info(h_tr, p),
+        return {**res, "data": {"harmful_train": len(h_tr), **_extra_info(h_tr + clean_only, p),
+                                "extra_harmful_terms": p["extra_harmful_terms"],
                                 "harmful_completions": len(comp_p), "dropped_refusals": dropped,
                                 "retain_examples": {t.name: len(t.prompts) for t in retain_terms},
                                 "layers": layers,
