@@ -169,9 +169,9 @@ def extra_harmful(spec: str | None, data_dir=None) -> list:
         return []
     from ..data.sets import Prompt
 
-    builtin = {_norm(x.text) for x in load_prompt_set("builtin:harmful").prompts}
+    seen = {_norm(x.text) for x in load_prompt_set("builtin:harmful").prompts}
     ps = load_prompt_set(str(spec), data_dir=data_dir)
-    seen, out = set(builtin), []
+    out = []
     for x in ps.prompts:
         k = _norm(x.text)
         if k not in seen:
@@ -182,13 +182,18 @@ def extra_harmful(spec: str | None, data_dir=None) -> list:
     return out
 
 
-def _extra_info(h_tr, p: dict) -> dict:
+def _split_extra(h_tr) -> tuple[list, list]:
+    """(built-in, extra) harmful train prompts."""
+    extra = [x for x in h_tr if x.id.startswith("extra:")]
+    return [x for x in h_tr if not x.id.startswith("extra:")], extra
+
+
+def _extra_info(extra, p: dict) -> dict:
     """What the model card records of the extra harmful prompts that were trained on."""
     if not p.get("extra_harmful"):
         return {}
     from ..data.sets import PromptSet
 
-    extra = [x for x in h_tr if x.id.startswith("extra:")]
     return {"extra_harmful": {"spec": p["extra_harmful"], "n": len(extra),
                               "sha256": PromptSet("extra", extra, "").sha256}}
 
@@ -287,7 +292,8 @@ class Safe(Recipe):
         res = train_terms(lm, terms, p["steps"], p["lr"], p["rank"], p["alpha"], env.seed,
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
                           p["eval_every"], stop, env.progress)
-        return {**res, "data": {"refusal_prompts": len(h_tr), **_extra_info(h_tr, p),
+        extra = _split_extra(h_tr)[1]
+        return {**res, "data": {"refusal_prompts": len(h_tr), **_extra_info(extra, p),
                                 "retain_examples": {t.name: len(t.prompts) for t in terms[1:]},
                                 "val": [len(h_val), len(s_val)]}}
 
@@ -351,13 +357,13 @@ class _PushedRecipe(Recipe):
         layers = self.layers(lm.n_layers)
         lora_blocks = self.lora_blocks(lm.n_layers, layers)
         h_tr, h_val, s_val, retain = _splits(p, env.data_dir)
+        builtin, extra = _split_extra(h_tr)
         clean_only = []  # extra prompts trained only to be refused clean
         if p["extra_harmful_terms"] == "clean":
-            clean_only = [x for x in h_tr if x.id.startswith("extra:")]
-            h_tr = [x for x in h_tr if not x.id.startswith("extra:")]
+            h_tr, clean_only = builtin, extra
         comp_p, comp_t, dropped = [], [], 0
-        for name, group in (("harmful-train", [x for x in h_tr if not x.id.startswith("extra:")]),
-                            ("harmful-extra", [x for x in h_tr if x.id.startswith("extra:")])):
+        pushed_extra = [] if clean_only else extra
+        for name, group in (("harmful-train", builtin), ("harmful-extra", pushed_extra)):
             if group:  # each set cached on its own: adding extra prompts reuses the built-in's
                 cp, ct, d = env.harmful_completions(PromptSet(name, group, "train"),
                                                     p["answer_tokens"])
@@ -406,7 +412,7 @@ class _PushedRecipe(Recipe):
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
                           p["eval_every"], None, env.progress,
                           lora_blocks=lora_blocks)
-        return {**res, "data": {"harmful_train": len(h_tr), **_extra_info(h_tr + clean_only, p),
+        return {**res, "data": {"harmful_train": len(h_tr), **_extra_info(extra, p),
                                 "extra_harmful_terms": p["extra_harmful_terms"],
                                 "harmful_completions": len(comp_p), "dropped_refusals": dropped,
                                 "retain_examples": {t.name: len(t.prompts) for t in retain_terms},
