@@ -12,6 +12,13 @@
     forward+backward tokens/s of the same model on the same batch (gradients to the inputs).
 
     .venv/bin/python benchmarks/bench_latent.py --model zoo/safe --n 16 --layers every:6
+    .venv/bin/python benchmarks/bench_latent.py --model zoo/safe --layers all --skip-steps \
+        --state bench_b.jsonl   # (b) paired by layer and resumable: kill it, rerun to go on
+
+With --state, (b) runs ours and the naive reference one after the other at each layer (ours'
+sweep order, deepest first, warm starts read back from the file) and appends each timing as soon
+as it is measured, so drift of the machine between parts hits both arms alike; the ratio is
+printed over the layers both arms have done, and marked PARTIAL until every layer is in.
 
 Measured on the 2-core CPU (SmolLM2 `safe`, 16 prompts):
 (a) 1.15× / 1.45× / 2.19× at 25/50/75 % depth (ideal 1.36 / 2.00 / 4.29); (c) 2.05.
@@ -77,6 +84,12 @@ def main() -> None:
                     "time to all of --layers (it makes the same evaluations at every layer: full "
                     "forward, fixed grid, no early exit; its time still varies with depth, so "
                     "spread the layers out); printed as an extrapolation with its range")
+    ap.add_argument("--state", default=None,
+                    help="(b) paired and resumable: at each layer (in our sweep order) run ours "
+                    "then the naive reference side by side, append both to this JSON-lines file as "
+                    "soon as each is timed, and skip what it already holds on a rerun; prints the "
+                    "ratio over the layers done so far (the whole sweep's once every layer is in). "
+                    "A whole naive sweep is hours of a 2-core CPU; this lets it be run in parts")
     ap.add_argument("--cold", action="store_true",
                     help="(b) also time last release's search: bisection, every layer cold, full PGD")
     a = ap.parse_args()
@@ -93,7 +106,10 @@ def main() -> None:
         step_benchmarks(lm, ctx, rows, eps, L)
     if a.skip_sweep:
         return
-    sweep(a, lm, ps, L)
+    if a.state:
+        paired_sweep(a, lm, ps, L)
+    else:
+        sweep(a, lm, ps, L)
 
 
 def step_benchmarks(lm, ctx, rows, eps, L) -> None:
@@ -125,9 +141,9 @@ def step_benchmarks(lm, ctx, rows, eps, L) -> None:
     print(f"  raw fwd+bwd {raw:.0f} tok/s; attack (layer {layer}) {att:.0f} tok/s; ratio {att / raw:.2f} (goal >= 0.6)")
 
 
-def sweep(a, lm, ps, L) -> None:
-    print("\n(b) sweep: ours (prefix cache, bisection, early exit) vs naive reference")
-    layers = parse_layers(a.layers, L)
+def _sweep_setup(lm, steps: int):
+    """The grid, the equal-precision bisection tolerance, the judge and guard, and the two arms'
+    settings (ours: prefix cache, warm-started bisection, early exit; naive: none of them)."""
     grid = log_grid(0.001, 0.5, 5)
     delta = np.log(grid[1] / grid[0])
     tol = float(np.exp(delta / 2) - 1)
@@ -135,17 +151,104 @@ def sweep(a, lm, ps, L) -> None:
     harmless = load_prompt_set("builtin:harmless:test", limit=16).texts
     gens = greedy_generate(lm, harmless, 32, 16)
     guard = CoherenceGuard().calibrate(lm, harmless, [g.response for g in gens])
+    ours = LatentConfig(families=["pgd"], pgd_steps=steps, rel_tol=tol)
+    naive = LatentConfig(families=["pgd"], pgd_steps=steps, search="grid", grid_points=5,
+                         prefix_cache=False, pgd_early_stop=False, pgd_check_every=0)
+    return grid, delta, tol, judge, guard, ours, naive
+
+
+def _naive_layer(ask, clean: np.ndarray, grid: np.ndarray) -> tuple[float, int]:
+    """The naive reference at one layer: every prompt not already harmful at every grid point
+    (no early exit); LVS by the trapezoid. Returns (LVS, evaluations)."""
+    ok = np.zeros((len(clean), len(grid)), bool)
+    evals = 0
+    for g_i, e in enumerate(grid):
+        todo = np.flatnonzero(~clean)
+        ok[todo, g_i] = ask(todo, np.full(todo.size, e))
+        evals += todo.size
+    ok = np.maximum.accumulate(ok | clean[:, None], axis=1)
+    return float(lvs_trapezoid(grid, ok.mean(0))), evals
+
+
+def paired_sweep(a, lm, ps, L) -> None:
+    """(b) with both arms timed layer by layer, side by side, resumable from ``a.state``."""
+    import json
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    print("\n(b) sweep, paired by layer: ours (prefix cache, bisection, early exit) vs naive")
+    layers = parse_layers(a.layers, L)
+    grid = log_grid(0.001, 0.5, 5)
+    setup = {"kind": "setup", "model": a.model, "n": len(ps), "steps": a.steps, "layers": layers,
+             "tol": float(np.exp(np.log(grid[1] / grid[0]) / 2) - 1)}
+    path = Path(a.state)
+    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    if recs and {k: recs[0].get(k) for k in setup} != setup:
+        raise SystemExit(f"{path} holds a different sweep ({recs[0]}); use another --state file")
+    if not recs:
+        with path.open("a") as f:
+            f.write(json.dumps(setup) + "\n")
+    done = {(r["arm"], r["layer"]): r for r in recs[1:]}
+    grid, delta, tol, judge, guard, ours_cfg, naive_cfg = _sweep_setup(lm, a.steps)
+    arms = {}
+    for name, cfg in (("ours", ours_cfg), ("naive", naive_cfg)):
+        store = ResultStore(f"/tmp/bench_latent_{name}_{time.time():.0f}.sqlite")
+        runner = LatentRunner(lm, store, "bench", ps, cfg, judge, guard)
+        clean = np.array([r["success"] for r in runner.clean()])
+        arms[name] = (runner, make_family("pgd", cfg), clean)
+    order = sweep_order(layers, ours_cfg)
+    for i, layer in enumerate(order):
+        for name in ("ours", "naive"):
+            if (name, layer) in done:
+                continue
+            runner, fam, clean = arms[name]
+            ask = runner.oracle(fam, layer)
+            t0 = time.perf_counter()
+            if name == "naive":
+                lvs, evals = _naive_layer(ask, clean, grid)
+                star = None
+            else:  # warm start from the layer swept before, as in a real sweep
+                prev = done.get(("ours", order[i - 1])) if i else None
+                guess = np.array(prev["eps_star"], float) if prev else None
+                res = _search(ask, ours_cfg, len(ps), clean, grid, guess)
+                lvs, evals = float(prompt_scores(res.eps_star, 0.001, 0.5).mean()), res.evaluations
+                star = [float(x) for x in res.eps_star]
+            rec = {"arm": name, "layer": layer, "seconds": round(time.perf_counter() - t0, 2),
+                   "evaluations": int(evals), "lvs": lvs, "eps_star": star,
+                   "threads": torch.get_num_threads(),
+                   "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            done[(name, layer)] = rec
+            with path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"  layer {layer:>2} {name:>5}: {rec['seconds']:.0f}s, {evals} evaluations, "
+                  f"LVS {lvs:.3f}", flush=True)
+    both = [l for l in order if ("ours", l) in done and ("naive", l) in done]
+    if not both:
+        return
+    t_o = sum(done[("ours", l)]["seconds"] for l in both)
+    t_n = sum(done[("naive", l)]["seconds"] for l in both)
+    per = [done[("naive", l)]["seconds"] / done[("ours", l)]["seconds"] for l in both]
+    diff = max(abs(done[("ours", l)]["lvs"] - done[("naive", l)]["lvs"]) for l in both)
+    scope = "whole sweep" if len(both) == len(layers) else f"PARTIAL: {len(both)} of {len(layers)} layers"
+    print(f"  {scope}: ours {t_o:.0f}s, naive {t_n:.0f}s, speed-up naive/ours = {t_n / t_o:.2f}x "
+          f"(goal >= 3x); per layer {min(per):.2f}-{max(per):.2f}x; max |LVS difference| = "
+          f"{diff:.3f} (resolution bound {delta / np.log(500):.3f}); sessions "
+          f"{sorted({done[(n, l)]['at'][:10] for n in ('ours', 'naive') for l in both})}")
+
+
+def sweep(a, lm, ps, L) -> None:
+    print("\n(b) sweep: ours (prefix cache, bisection, early exit) vs naive reference")
+    layers = parse_layers(a.layers, L)
+    grid, delta, tol, judge, guard, ours_cfg, naive_cfg = _sweep_setup(lm, a.steps)
     results = {}
     naive_per_layer: list = []
-    arms = [("ours", LatentConfig(families=["pgd"], pgd_steps=a.steps, rel_tol=tol))]
+    arms = [("ours", ours_cfg)]
     if a.cold:
         arms.append(("ours-cold", LatentConfig(families=["pgd"], pgd_steps=a.steps, rel_tol=tol,
                                                warm_start=False, pgd_early_stop=False,
                                                pgd_check_every=0)))
     if not a.skip_naive:
-        arms.append(("naive", LatentConfig(families=["pgd"], pgd_steps=a.steps, search="grid",
-                                           grid_points=5, prefix_cache=False,
-                                           pgd_early_stop=False, pgd_check_every=0)))
+        arms.append(("naive", naive_cfg))
     naive_layers = parse_layers(a.naive_layers, L) if a.naive_layers else layers
     for name, cfg in arms:
         store = ResultStore(f"/tmp/bench_latent_{name}_{time.time():.0f}.sqlite")
@@ -159,15 +262,10 @@ def sweep(a, lm, ps, L) -> None:
             ask = runner.oracle(fam, layer)
             tl = time.perf_counter()
             if name == "naive":  # no early exit: every prompt at every grid point
-                ok = np.zeros((len(ps), len(grid)), bool)
-                for g_i, e in enumerate(grid):
-                    todo = np.flatnonzero(~clean)
-                    ok[todo, g_i] = ask(todo, np.full(todo.size, e))
-                    evals += todo.size
-                per_layer.append((layer, len(grid) * int((~clean).sum()),
-                                  round(time.perf_counter() - tl, 1)))
-                ok = np.maximum.accumulate(ok | clean[:, None], axis=1)
-                lvs.append(lvs_trapezoid(grid, ok.mean(0)))
+                v, e = _naive_layer(ask, clean, grid)
+                evals += e
+                per_layer.append((layer, e, round(time.perf_counter() - tl, 1)))
+                lvs.append(v)
             else:
                 res = _search(ask, cfg, len(ps), clean, grid, guess)
                 guess = res.eps_star
