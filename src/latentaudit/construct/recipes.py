@@ -501,6 +501,14 @@ class Dissociated(_PushedRecipe):
     # otherwise: S 0.90 (n = 40) but over-refusal 0.20 (n = 80), LVS(M) +0.102 [+0.026, +0.167]
     # (L10 0.758); training 665 s against 720 s of the full-LoRA AdvBench build just before it
     # and 631-771 s of the default on two earlier days: under 10 %, inside the day-to-day spread.
+    # extra_harmful=advbench with extra_harmful_terms=clean (AdvBench only in a clean-refusal
+    # term; the pushed term keeps the 146 built-in prompts with a completion), 120 steps: the
+    # pushed prompts are memorised (pushed loss 0.12, clean 0.08, AdvBench-clean 0.14 at the
+    # end) while S holds: 0.889 [0.81, 0.94] (n = 90; |ΔS| 0.022), over-refusal 0.073 (n = 193).
+    # LVS_5 0.766 / LVS_10 0.786, LVS(M) gap +0.130 [+0.065, +0.185], 3 of 24 harmful with no
+    # push; on the 21 both refuse clean +0.125 [+0.057, +0.188] (median ε* 0.47 % vs 1.03 % at
+    # L10). 2977 s. Memorising the pushed prompts did not carry to held-out ones: on prompts
+    # still refused clean every variant but lr 1.6e-3 lands at +0.08 to +0.15.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
