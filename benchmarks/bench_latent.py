@@ -17,7 +17,8 @@
 
 With --state, (b) runs ours and the naive reference one after the other at each layer (ours'
 sweep order, deepest first, warm starts read back from the file) and appends each timing as soon
-as it is measured, so drift of the machine between parts hits both arms alike; the ratio is
+as it is measured, so drift of the machine between parts hits both arms alike (a rerun on
+another model, checkpoint fingerprint or settings is refused); the ratio is
 printed over the layers both arms have done, and marked PARTIAL until every layer is in.
 
 Measured on the 2-core CPU (SmolLM2 `safe`, 16 prompts):
@@ -36,6 +37,9 @@ prompts, layers; identical LVS and 852 evaluations): ours 3027 s, naive 264-423 
 (1717 s for 5 layers, 15 % slower than the first run: the naive side varies run to run),
 extrapolated 10304 s (mean, 3.40x) / 10242 s (interpolated, 3.38x). The two runs bracket the
 ratio at 3.0-3.4x; the skip saved 70 s at the cold first layer and nothing measurable elsewhere.
+Paired by layer (--state), first part (2026-12-01, layers 29 down to 17, 13 of 30; the
+shallow layers, the slowest for both arms, are still to run): ours 972 s, naive 3158 s, 3.25x
+(2.56-4.47x per layer), 455 against 910 evaluations, max |LVS difference| 0.080 — PARTIAL.
 Earlier, 5 layers (every:6): 2.31× (ours 669 s, 200 evaluations; naive 1549 s, 325); cold
 bisection without warm start 1.19×.
 """
@@ -179,7 +183,8 @@ def paired_sweep(a, lm, ps, L) -> None:
     print("\n(b) sweep, paired by layer: ours (prefix cache, bisection, early exit) vs naive")
     layers = parse_layers(a.layers, L)
     grid = log_grid(0.001, 0.5, 5)
-    setup = {"kind": "setup", "model": a.model, "n": len(ps), "steps": a.steps, "layers": layers,
+    setup = {"kind": "setup", "model": a.model, "fingerprint": lm.info.get("fingerprint"),
+             "n": len(ps), "steps": a.steps, "layers": layers,
              "tol": float(np.exp(np.log(grid[1] / grid[0]) / 2) - 1)}
     path = Path(a.state)
     recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
