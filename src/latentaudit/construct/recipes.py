@@ -507,8 +507,10 @@ class Dissociated(_PushedRecipe):
     # end) while S holds: 0.889 [0.81, 0.94] (n = 90; |ΔS| 0.022), over-refusal 0.073 (n = 193).
     # LVS_5 0.766 / LVS_10 0.786, LVS(M) gap +0.130 [+0.065, +0.185], 3 of 24 harmful with no
     # push; on the 21 both refuse clean +0.125 [+0.057, +0.188] (median ε* 0.47 % vs 1.03 % at
-    # L10). 2977 s. Memorising the pushed prompts did not carry to held-out ones: on prompts
-    # still refused clean every variant but lr 1.6e-3 lands at +0.08 to +0.15.
+    # L10). 2977 s. On 24 of its own pushed train prompts it breaks at the same budget (LVS_10
+    # 0.766, median ε* 0.47 % where it refuses clean): ε* lands inside the training band
+    # (0.2-0.8 %) however well the pushed loss is fit there, so more pushes per prompt do not
+    # lower it; on prompts still refused clean every variant but lr 1.6e-3 adds +0.04 to +0.15.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
