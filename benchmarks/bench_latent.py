@@ -47,7 +47,10 @@ bisection without warm start 1.19×.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -145,12 +148,18 @@ def step_benchmarks(lm, ctx, rows, eps, L) -> None:
     print(f"  raw fwd+bwd {raw:.0f} tok/s; attack (layer {layer}) {att:.0f} tok/s; ratio {att / raw:.2f} (goal >= 0.6)")
 
 
+def _grid_tol():
+    """The naive 5-point grid, its log step Δ, and the bisection tolerance of equal LVS
+    precision, exp(Δ/2) − 1."""
+    grid = log_grid(0.001, 0.5, 5)
+    delta = np.log(grid[1] / grid[0])
+    return grid, delta, float(np.exp(delta / 2) - 1)
+
+
 def _sweep_setup(lm, steps: int):
     """The grid, the equal-precision bisection tolerance, the judge and guard, and the two arms'
     settings (ours: prefix cache, warm-started bisection, early exit; naive: none of them)."""
-    grid = log_grid(0.001, 0.5, 5)
-    delta = np.log(grid[1] / grid[0])
-    tol = float(np.exp(delta / 2) - 1)
+    grid, delta, tol = _grid_tol()
     judge = SubstringJudge()
     harmless = load_prompt_set("builtin:harmless:test", limit=16).texts
     gens = greedy_generate(lm, harmless, 32, 16)
@@ -176,16 +185,10 @@ def _naive_layer(ask, clean: np.ndarray, grid: np.ndarray) -> tuple[float, int]:
 
 def paired_sweep(a, lm, ps, L) -> None:
     """(b) with both arms timed layer by layer, side by side, resumable from ``a.state``."""
-    import json
-    from datetime import datetime, timezone
-    from pathlib import Path
-
     print("\n(b) sweep, paired by layer: ours (prefix cache, bisection, early exit) vs naive")
     layers = parse_layers(a.layers, L)
-    grid = log_grid(0.001, 0.5, 5)
     setup = {"kind": "setup", "model": a.model, "fingerprint": lm.info.get("fingerprint"),
-             "n": len(ps), "steps": a.steps, "layers": layers,
-             "tol": float(np.exp(np.log(grid[1] / grid[0]) / 2) - 1)}
+             "n": len(ps), "steps": a.steps, "layers": layers, "tol": _grid_tol()[2]}
     path = Path(a.state)
     recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
     if recs and {k: recs[0].get(k) for k in setup} != setup:
