@@ -167,6 +167,47 @@ def test_tuple_returning_block():
     assert torch.equal(blk(torch.zeros(1, 2, 3))[0], torch.zeros(1, 2, 3))  # removed
 
 
+def test_blocks_wrapped_as_under_device_map(tiny_lm, ctx):
+    """Under `device_map` sharding accelerate wraps each module's forward in an AlignDevicesHook
+    (inputs moved to the module's device, outputs back where they came from). Our hooks, the
+    prefix-cache runner and PGD must give the same numbers through those wrappers. One CPU here:
+    this checks the wrapping, not a transfer between two devices."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    parts = tiny_lm.parts
+    seqs = [ctx.prompt_ids[r] + ctx.target_ids[r] for r in range(3)]
+    ids, mask, pos = pad_left(seqs, tiny_lm.tokenizer.pad_token_id)
+    delta = torch.randn((3, ids.shape[1], parts.hidden_size)) * mask[..., None]
+
+    def measure():
+        with torch.no_grad():
+            clean = tiny_lm.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            with perturb_block(parts.blocks[1], delta):
+                pushed = tiny_lm.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            fast = SuffixRunner(tiny_lm, 1, ids, mask, pos)
+            cached = fast.logits(fast.h_clean + delta, keep=6)
+        pgd = registry.create("family", "pgd", steps=3)
+        _, trace = pgd.attack(ctx, 1, [0, 1, 2], np.full(3, 0.2), return_trace=True)
+        return clean, pushed, cached, trace
+
+    ref = measure()
+    wrapped = [parts.embed, *parts.blocks]
+    try:
+        for m in wrapped:
+            add_hook_to_module(m, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+        assert all(hasattr(m, "_hf_hook") for m in wrapped)  # really wrapped
+        got = measure()
+        hooks_inside = [len(b._forward_hooks) for b in parts.blocks]
+    finally:
+        for m in wrapped:
+            remove_hook_from_module(m)
+    assert not any(hasattr(m, "_hf_hook") for m in wrapped)
+    assert hooks_inside == [0] * len(parts.blocks)  # ours removed, accelerate's were not ours
+    assert not torch.equal(ref[0], ref[1])  # the push reached the output
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_ablation_leaves_no_component(tiny_lm):
     r = torch.randn(tiny_lm.parts.hidden_size)
     r_hat = r / r.norm()
