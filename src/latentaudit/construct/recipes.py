@@ -511,6 +511,16 @@ class Dissociated(_PushedRecipe):
     # 0.766, median ε* 0.47 % where it refuses clean): ε* lands inside the training band
     # (0.2-0.8 %) however well the pushed loss is fit there, so more pushes per prompt do not
     # lower it; on prompts still refused clean every variant but lr 1.6e-3 adds +0.04 to +0.15.
+    # That reading did not survive the direct test: eps_range 0.1-0.4 % (half the default's),
+    # defaults otherwise, same `safe` and screens: LVS_5 / LVS_10 0.792 / 0.805 against the
+    # default's 0.799 / 0.812 (paired −0.008 [−0.018, +0.003]), the same 6 of 24 harmful with no
+    # push, S 0.875 (n = 40), 846 s. ε* does not follow the training budget. At step 1 the pushed
+    # loss was 1.55 at the smaller band and 1.49 at the default's (1.55 → 0.62 and 1.49 → 0.58
+    # over 40 steps): a 2-step PGD push of 0.1-0.8 % barely changes the completion's loss, so the
+    # pushed term acts as "comply" on the prompts the clean term says "refuse" on, and what is
+    # learnt is a smaller refusal margin, not a sensitivity to pushes; ε* then measures that margin
+    # (0.4-0.6 %). Untested: an inner attack as strong as the audit's (pgd_steps 6-10 against 2),
+    # so that the pushes trained on are ones that move the output.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
