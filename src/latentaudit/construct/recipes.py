@@ -516,10 +516,10 @@ class Dissociated(_PushedRecipe):
     # default's 0.799 / 0.812 (paired −0.008 [−0.018, +0.003]), the same 6 of 24 harmful with no
     # push, S 0.875 (n = 40), 846 s. ε* does not follow the training budget. At step 1 the pushed
     # loss was 1.55 at the smaller band and 1.49 at the default's (1.55 → 0.62 and 1.49 → 0.58
-    # over 40 steps): a 2-step PGD push of 0.1-0.8 % barely changes the completion's loss, so the
-    # pushed term acts as "comply" on the prompts the clean term says "refuse" on, and what is
-    # learnt is a smaller refusal margin, not a sensitivity to pushes; ε* then measures that margin
-    # (0.4-0.6 %). Untested: an inner attack as strong as the audit's (pgd_steps 6-10 against 2),
+    # over 40 steps): doubling a 2-step PGD push lowers the completion's loss by 4 % only, so the
+    # pushed term acts mostly as "comply" on the prompts the clean term says "refuse" on; what is
+    # learnt reads as a smaller refusal margin, not a sensitivity to pushes, and ε* as that margin
+    # (0.4-0.6 %; the push-free loss was not measured). Untested: an inner attack as strong as the audit's (pgd_steps 6-10 against 2),
     # so that the pushes trained on are ones that move the output.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
