@@ -519,8 +519,15 @@ class Dissociated(_PushedRecipe):
     # over 40 steps): doubling a 2-step PGD push lowers the completion's loss by 4 % only, so the
     # pushed term acts mostly as "comply" on the prompts the clean term says "refuse" on; what is
     # learnt reads as a smaller refusal margin, not a sensitivity to pushes, and ε* as that margin
-    # (0.4-0.6 %; the push-free loss was not measured). Untested: an inner attack as strong as the audit's (pgd_steps 6-10 against 2),
-    # so that the pushes trained on are ones that move the output.
+    # (0.4-0.6 %). Measured directly (16 pushed train prompts, layer 15, the first 16 tokens of
+    # the harmful completion, mean CE per token): `safe` 1.241 with no push, 1.147 / 1.062 / 0.911
+    # under the best of a 2-step PGD (step 0.5) at ε 0.2 / 0.4 / 0.8 %; the default
+    # `dissociated` 0.502 with no push, 0.433 / 0.373 / 0.287 under the push. Training lowered
+    # the push-free loss by 0.74 and the push's own effect did not grow (−0.07 to −0.22 against
+    # −0.09 to −0.33): fragility as a thinner margin, not as sensitivity. 10 PGD steps instead of
+    # 2 find at most 0.012 more, so a stronger inner attack is no lever either. What the pushed
+    # term would need is a reward on the push's effect itself (e.g. CE clean − CE pushed of the
+    # completion, with clean refusal held); untested.
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
