@@ -37,12 +37,13 @@ prompts, layers; identical LVS and 852 evaluations): ours 3027 s, naive 264-423 
 (1717 s for 5 layers, 15 % slower than the first run: the naive side varies run to run),
 extrapolated 10304 s (mean, 3.40x) / 10242 s (interpolated, 3.38x). The two runs bracket the
 ratio at 3.0-3.4x; the skip saved 70 s at the cold first layer and nothing measurable elsewhere.
-Paired by layer (--state), the whole sweep (2026-12-01, in two parts of one day, 20:13-21:25
-and 22:13-00:00 UTC, alone on the CPU; each arm of each layer timed in one process): all 30
+Paired by layer (--state), the whole sweep (in two parts, 2026-12-01 20:13-21:25 and 22:13 to
+00:00 UTC the next day, alone on the CPU; each arm of each layer timed in one process): all 30
 layers, ours 2702 s, naive 8391 s, 3.11x (goal >= 3x), 944 against 2100 evaluations, max |LVS
 difference| 0.080 (resolution bound 0.25). Per layer 2.54-4.47x with no clean depth trend: lowest
 at the cold first layer (29: 54 evaluations with no warm start) and at layers 13-17 (2.5-2.8x),
-highest at 22-26 (2.9-4.5x); ours takes 25-29 evaluations at most warm layers, 80-126 s a layer.
+highest at 22-26 (2.9-4.5x); ours takes 25-38 evaluations at a warm layer, 55-126 s (the
+deepest layers the cheapest), naive 206-355 s.
 This is the figure for (b); the one-shot extrapolations above bracketed it at 3.0-3.4x.
 Earlier, 5 layers (every:6): 2.31× (ours 669 s, 200 evaluations; naive 1549 s, 325); cold
 bisection without warm start 1.19×.
