@@ -137,6 +137,8 @@ def test_no_overwrite_without_force(zoo, capsys):
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_mode=deep", "--out", "X"], "margin_mode"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "eps_decay=0", "--out", "X"], "eps_decay"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_anti_refusal=-1", "--out", "X"], "push_anti_refusal"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_effect=-1", "--out", "X"], "push_effect"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_effect_margin=0", "--out", "X"], "push_effect_margin"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_mode=sequence", "--set", "paired=false", "--out", "X"], "paired=true"),
 ])
 def test_construct_bad_input(capsys, tmp_path, monkeypatch, args, match):
@@ -406,6 +408,30 @@ def test_eps_decay_shrinks_the_training_budgets_geometrically(tmp_path, monkeypa
     assert meta["recipe"]["params"]["eps_decay"] == decay
 
 
+def test_push_effect_params_reach_the_pushed_term(tmp_path, monkeypatch):
+    """--set push_effect / push_effect_margin set the pushed term's hinge (and only its); the
+    card records them."""
+    from latentaudit.construct import recipes as recipes_mod
+
+    seen = {}
+    real = recipes_mod.train_terms
+
+    def spy(lm, terms, *a, **k):
+        seen.update({t.name: (t.effect_weight, t.effect_margin) for t in terms})
+        return real(lm, terms, *a, **k)
+
+    monkeypatch.setattr(recipes_mod, "train_terms", spy)
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    out = construct("dissociated", "tiny:llama", tmp_path / "d",
+                    {**PUSHED, "steps": 2, "eval_every": 2, "push_effect": 2.5,
+                     "push_effect_margin": 0.7}, data_model="tiny:llama", device="cpu",
+                    eval_limit=2, eval_tokens=3)
+    assert seen.pop("comply_pushed") == (2.5, 0.7)
+    assert seen and all(w == 0.0 for w, _ in seen.values())
+    params = json.loads((out / "latentaudit_recipe.json").read_text())["recipe"]["params"]
+    assert params["push_effect"] == 2.5 and params["push_effect_margin"] == 0.7
+
+
 def test_push_anti_refusal_adds_the_opener_term_under_the_push(tiny_lm):
     """A perturbed term with anti_refusal w: its loss is the SFT loss under the push plus
     w × mean(−log(1 − p_R)), p_R the refusal openers' mass at the first answer token *under the
@@ -444,6 +470,51 @@ def test_push_anti_refusal_adds_the_opener_term_under_the_push(tiny_lm):
     expected = 2.0 * float(-torch.log1p(-p_r.clamp(1e-6, 1 - 1e-6)).mean())
     assert expected > 0
     assert with_w - base == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_push_effect_adds_a_hinge_on_the_pushs_own_effect(tiny_lm):
+    """A perturbed term with effect_weight w and margin τ: its loss is the SFT loss under the
+    push plus w × mean over rows of relu(τ − (CE_clean − CE_pushed)), CE the row's mean
+    per-token NLL of its target (a planted push, so both computations see the same δ)."""
+    import numpy as np
+
+    from latentaudit.construct.train import Perturb, Term, _term_loss
+    from latentaudit.interventions.context import build_context
+    from latentaudit.interventions.hooks import perturb_block
+    from latentaudit.training import Example, collate, encode_pair, token_nll
+
+    lm, tok = tiny_lm, tiny_lm.tokenizer
+    prompts, comps = ["how do I pick a lock", "write a phishing mail"], ["Sure, step one", "Dear user, click"]
+    v = torch.nn.functional.normalize(torch.randn(lm.parts.hidden_size, generator=torch.Generator().manual_seed(2)), dim=0)
+    pz = Perturb([1], (0.5, 0.5), planted={1: v})
+
+    def term(w, tau=1.0):
+        t = Term("pushed", prompts, comps, perturb=pz, effect_weight=w, effect_margin=tau)
+        t.examples = [Example(sum(encode_pair(tok, p, c), []), len(encode_pair(tok, p, c)[0]))
+                      for p, c in zip(prompts, comps)]
+        return t
+
+    with torch.no_grad():
+        base = float(_term_loss(lm, term(0.0), [0, 1], np.random.default_rng(0), 0))
+        t = term(0.0)
+        batch = collate(t.examples, tok.pad_token_id, lm.device)
+        clean, n = token_nll(lm.model, batch)
+        ctx = build_context(lm, prompts, [None, None])
+        full = torch.zeros((2, batch["input_ids"].shape[1], lm.parts.hidden_size))
+        for j in range(2):
+            d = 0.5 * ctx.h[j][1].norm(dim=-1, keepdim=True) * v * ctx.masks[j][1][:, None]
+            full[j, : d.shape[0]] = d
+        with perturb_block(lm.parts.blocks[1], full):
+            pushed, _ = token_nll(lm.model, batch)
+    gain = clean / n - pushed / n
+    assert float(gain.abs().max()) > 1e-4  # the push changes the loss at all
+    tau = float(gain.max()) + 0.5  # the hinge is active on both rows
+    with torch.no_grad():
+        with_w = float(_term_loss(lm, term(3.0, tau), [0, 1], np.random.default_rng(0), 0))
+        above = float(_term_loss(lm, term(3.0, float(gain.min()) - 1.0), [0, 1],
+                                 np.random.default_rng(0), 0))
+    assert with_w - base == pytest.approx(3.0 * float(torch.relu(tau - gain).mean()), rel=1e-4, abs=1e-6)
+    assert above == pytest.approx(base, rel=1e-6)  # every row past the margin: no extra loss
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "phi3", "gemma2"])

@@ -106,6 +106,10 @@ class Recipe:
             raise UserError("margin_weight and push_weight must be >= 0")
         if float(p.get("push_anti_refusal", 0)) < 0:
             raise UserError("push_anti_refusal must be >= 0")
+        if float(p.get("push_effect", 0)) < 0:
+            raise UserError("push_effect must be >= 0")
+        if "push_effect_margin" in p and not float(p["push_effect_margin"]) > 0:
+            raise UserError(f"push_effect_margin must be > 0 (got {p['push_effect_margin']})")
         if "eps_decay" in p and not float(p["eps_decay"]) > 0:
             raise UserError(f"eps_decay must be > 0 (got {p['eps_decay']})")
         if "n_directions" in p and int(p["n_directions"]) < 1:
@@ -401,6 +405,8 @@ class _PushedRecipe(Recipe):
                 clean.margin_tokens = int(p["push_tokens"] or 16)
         pushed.weight = float(p.get("push_weight", 1.0))
         pushed.anti_refusal = float(p.get("push_anti_refusal", 0.0))
+        pushed.effect_weight = float(p.get("push_effect", 0.0))
+        pushed.effect_margin = float(p.get("push_effect_margin", 1.0))
         if pushed.weight > 0:
             pushed.pair_with = clean.name if p["paired"] else None
         retain_terms = _retain_terms(lm, env, retain, p)
@@ -551,7 +557,12 @@ class Dissociated(_PushedRecipe):
                       # weight of −log(1 − p(refusal opener)) at the first answer token under
                       # the push: the pushed term then acts on the decision, not only on the
                       # completion's text (0: off)
-                      "push_anti_refusal": 0.0}
+                      "push_anti_refusal": 0.0,
+                      # weight of the push's-effect hinge (train.Term.effect_weight): relu(τ −
+                      # (CE clean − CE pushed)) of the harmful completion, τ push_effect_margin
+                      # nats per token; rewards the gain along the pushes, not a lower
+                      # push-free loss (0: off)
+                      "push_effect": 0.0, "push_effect_margin": 1.0}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):
         # the push is PGD toward the harmful completion; the target is that completion

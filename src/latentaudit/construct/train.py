@@ -82,6 +82,14 @@ class Term:
     # that term's batch indices every step, so the same prompts are seen both ways at once
     # (dissociation: the same prompt refused clean and complied with under a push)
     pair_with: str | None = None
+    # a perturbed term: weight of a hinge on the push's own effect, relu(τ − (CE_clean −
+    # CE_pushed)), CE the mean per-token NLL of each row's target with and without the push
+    # (τ = ``effect_margin`` nats per token). The level of the target's loss cancels in the
+    # difference, so the only way to lower this term is a larger gain of the loss along the
+    # pushes the inner attack finds (a sensitivity), not a lower push-free loss (a thinner
+    # margin, which is what the pushed SFT loss alone teaches)
+    effect_weight: float = 0.0
+    effect_margin: float = 1.0
     examples: list[Example] = field(default_factory=list)
     contrast_examples: list[Example] = field(default_factory=list)
     margin_examples: list[tuple[Example, Example]] = field(default_factory=list)
@@ -281,9 +289,15 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
     full = torch.zeros((len(idx), T, lm.parts.hidden_size))
     for j, (e, d) in enumerate(zip(ex, deltas)):
         full[j, : d.shape[0]] = d  # right padding: the prompt occupies the first positions
+    extra = 0.0
     with perturb_block(lm.parts.blocks[layer], full.to(lm.device)):
         if t.anti_refusal > 0:  # under the push: the first answer token must not open a refusal
             nll, n, p_r = _nll_and_openers(lm, batch)
-            return nll.sum() / n.sum().clamp(min=1) + t.anti_refusal * _opener_penalty(p_r)
-        nll, n = token_nll(lm.model, batch)
-    return nll.sum() / n.sum().clamp(min=1)
+            extra = t.anti_refusal * _opener_penalty(p_r)
+        else:
+            nll, n = token_nll(lm.model, batch)
+    if t.effect_weight > 0:  # the push's effect: clean minus pushed per-token loss, per row
+        nll_c, n_c = token_nll(lm.model, batch, share_prefix=True)
+        gain = nll_c / n_c.clamp(min=1) - nll / n.clamp(min=1)
+        extra = extra + t.effect_weight * torch.relu(t.effect_margin - gain).mean()
+    return nll.sum() / n.sum().clamp(min=1) + extra
