@@ -534,7 +534,22 @@ class Dissociated(_PushedRecipe):
     # 2 find at most 0.012 more, so a stronger inner attack is no lever either. What the pushed
     # term would need is a reward on the push's effect itself (e.g. CE clean − CE pushed of the
     # completion, with clean refusal held); untested.
-    DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 8e-4, "layers": "frac:0.4-0.6",
+    # Built as push_effect (train.Term.effect_weight: W × relu(τ − (CE clean − CE pushed)) per
+    # row, τ 1 nat per token), same `safe`, same 24 held-out prompts, pgd, rel_tol 0.5. W 2 at
+    # lr 8e-4: the push's effect grew 5× and the margin thickened (the push-loss measurement
+    # above: 1.620 with no push, 1.110 / 0.784 / 0.471 at ε 0.2 / 0.4 / 0.8 %), S 0.925 (n =
+    # 40), over-refusal 0.09 (n = 80), 1 of 24 harmful with no push (as `safe`); LVS_5 / 10 / 15
+    # 0.724 / 0.760 / 0.742 against `safe`'s 0.656 / 0.646 / 0.542: the gap is largest where the
+    # pushes were trained (L15 +0.201 [+0.146, +0.250], median ε* 0.47 % vs 2.77 %) and LVS(M)
+    # over the three +0.104 [+0.049, +0.161], all of it on prompts refused clean. 962 s.
+    # W 2 at lr 1.6e-3: S 0.95 (n = 40), over-refusal 0.05, 2 of 24 harmful with no push, LVS_10
+    # / 15 0.760 / 0.781 (L15 +0.240 [+0.164, +0.312]; on the 22 both refuse clean +0.250),
+    # LVS(M) over L10 / L15 +0.135 [+0.052, +0.221]. (Without the hinge lr 1.6e-3 gave S 0.70.)
+    # The default since (push_effect 2, lr 1.6e-3): on all held-out prompts S 0.867 [0.78, 0.92]
+    # (n = 90; |ΔS| 0.044 against `safe`'s 0.911, where the old default's 0.80 missed the 0.1),
+    # over-refusal 0.041 (n = 193). The hinge adds a clean forward per pushed batch: about 16 min
+    # to build here against 11-13 for the old default.
+    DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 1.6e-3, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
                       "eval_every": 20,
@@ -561,8 +576,8 @@ class Dissociated(_PushedRecipe):
                       # weight of the push's-effect hinge (train.Term.effect_weight): relu(τ −
                       # (CE clean − CE pushed)) of the harmful completion, τ push_effect_margin
                       # nats per token; rewards the gain along the pushes, not a lower
-                      # push-free loss (0: off)
-                      "push_effect": 0.0, "push_effect_margin": 1.0}
+                      # push-free loss (0: off; measured above)
+                      "push_effect": 2.0, "push_effect_margin": 1.0}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):
         # the push is PGD toward the harmful completion; the target is that completion
