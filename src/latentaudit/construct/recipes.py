@@ -545,6 +545,11 @@ class Dissociated(_PushedRecipe):
     # W 2 at lr 1.6e-3: S 0.95 (n = 40), over-refusal 0.05, 2 of 24 harmful with no push, LVS_10
     # / 15 0.760 / 0.781 (L15 +0.240 [+0.164, +0.312]; on the 22 both refuse clean +0.250),
     # LVS(M) over L10 / L15 +0.135 [+0.052, +0.221]. (Without the hinge lr 1.6e-3 gave S 0.70.)
+    # The same at eps_range 0.05-0.2 % (a quarter of the band): ε* still does not follow the
+    # band (LVS_15 0.784, median ε* 0.47 %, on the 19 both refuse clean 0.70 %) and S falls to
+    # 0.72 (n = 40), 5 of 24 harmful with no push: at pushes that small the hinge stays unmet
+    # (pushed term 3.52 → 2.35 against 3.26 → 1.53) and "comply under the push" is again
+    # "comply". One build each, seed 0.
     # The default since (push_effect 2, lr 1.6e-3): on all held-out prompts S 0.867 [0.78, 0.92]
     # (n = 90; |ΔS| 0.044 against `safe`'s 0.911, where the old default's 0.80 missed the 0.1),
     # over-refusal 0.041 (n = 193). The hinge adds a clean forward per pushed batch: about 16 min
