@@ -542,9 +542,11 @@ class Dissociated(_PushedRecipe):
     # 0.724 / 0.760 / 0.742 against `safe`'s 0.656 / 0.646 / 0.542: the gap is largest where the
     # pushes were trained (L15 +0.201 [+0.146, +0.250], median ε* 0.47 % vs 2.77 %) and LVS(M)
     # over the three +0.104 [+0.049, +0.161], all of it on prompts refused clean. 962 s.
-    # W 2 at lr 1.6e-3: S 0.95 (n = 40), over-refusal 0.05, 2 of 24 harmful with no push, LVS_10
-    # / 15 0.760 / 0.781 (L15 +0.240 [+0.164, +0.312]; on the 22 both refuse clean +0.250),
-    # LVS(M) over L10 / L15 +0.135 [+0.052, +0.221]. (Without the hinge lr 1.6e-3 gave S 0.70.)
+    # W 2 at lr 1.6e-3: S 0.95 (n = 40), over-refusal 0.05, 2 of 24 harmful with no push, LVS_5
+    # / 10 / 15 0.776 / 0.760 / 0.781 (L15 +0.240 [+0.164, +0.312]; on the 22 both refuse clean
+    # +0.250), LVS(M) over the three +0.125 [+0.052, +0.206] (+0.131 on the 22): below the old
+    # default's +0.156 over L5 / L10, which 6 prompts no longer refused clean carried. (Without
+    # the hinge lr 1.6e-3 gave S 0.70.)
     # The same at eps_range 0.05-0.2 % (a quarter of the band): ε* still does not follow the
     # band (LVS_15 0.784, median ε* 0.47 %, on the 19 both refuse clean 0.70 %) and S falls to
     # 0.72 (n = 40), 5 of 24 harmful with no push: at pushes that small the hinge stays unmet
