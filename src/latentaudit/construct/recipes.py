@@ -536,7 +536,7 @@ class Dissociated(_PushedRecipe):
     # completion, with clean refusal held); untested.
     # Built as push_effect (train.Term.effect_weight: W × relu(τ − (CE clean − CE pushed)) per
     # row, τ 1 nat per token), same `safe`, same 24 held-out prompts, pgd, rel_tol 0.5. W 2 at
-    # lr 8e-4: the push's effect grew 5× and the margin thickened (the push-loss measurement
+    # lr 8e-4: the push's effect grew 3.5-5.7× and the margin thickened (the push-loss measurement
     # above: 1.620 with no push, 1.110 / 0.784 / 0.471 at ε 0.2 / 0.4 / 0.8 %), S 0.925 (n =
     # 40), over-refusal 0.09 (n = 80), 1 of 24 harmful with no push (as `safe`); LVS_5 / 10 / 15
     # 0.724 / 0.760 / 0.742 against `safe`'s 0.656 / 0.646 / 0.542: the gap is largest where the
