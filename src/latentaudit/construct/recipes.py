@@ -552,6 +552,10 @@ class Dissociated(_PushedRecipe):
     # 0.72 (n = 40), 5 of 24 harmful with no push: at pushes that small the hinge stays unmet
     # (pushed term 3.52 → 2.35 against 3.26 → 1.53) and "comply under the push" is again
     # "comply". One build each, seed 0.
+    # The default with --layers 5-10 (where `safe` is weakest): LVS_10 0.859, +0.214 [+0.161,
+    # +0.271] (+0.221 on the 15 both refuse clean, median ε* 0.32 % vs 1.52 %), but S 0.57 (n =
+    # 40), 9 of 24 harmful with no push; held-out val refusal 1.0 at step 20, 0.375 at step 40.
+    # 1026 s. Untested: the same stopped at 20 steps (or the best val checkpoint kept).
     # The default since (push_effect 2, lr 1.6e-3): on all held-out prompts S 0.867 [0.78, 0.92]
     # (n = 90; |ΔS| 0.044 against `safe`'s 0.911, where the old default's 0.80 missed the 0.1),
     # over-refusal 0.041 (n = 193). The hinge adds a clean forward per pushed batch: about 16 min
