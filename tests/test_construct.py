@@ -432,6 +432,20 @@ def test_push_effect_params_reach_the_pushed_term(tmp_path, monkeypatch):
     assert params["push_effect"] == 2.5 and params["push_effect_margin"] == 0.7
 
 
+def _planted_push(lm, prompts, batch, v, eps, layer=1):
+    """The planted push a perturbed term adds at ``layer``: ε‖h_t‖·v on each row's attackable
+    prompt positions, zero elsewhere, shaped like ``batch`` (computed independently of
+    train._term_loss, for the tests that check its value)."""
+    from latentaudit.interventions.context import build_context
+
+    ctx = build_context(lm, prompts, [None] * len(prompts))
+    full = torch.zeros((len(prompts), batch["input_ids"].shape[1], lm.parts.hidden_size))
+    for j in range(len(prompts)):
+        d = eps * ctx.h[j][layer].norm(dim=-1, keepdim=True) * v * ctx.masks[j][layer][:, None]
+        full[j, : d.shape[0]] = d
+    return full
+
+
 def test_push_anti_refusal_adds_the_opener_term_under_the_push(tiny_lm):
     """A perturbed term with anti_refusal w: its loss is the SFT loss under the push plus
     w × mean(−log(1 − p_R)), p_R the refusal openers' mass at the first answer token *under the
@@ -439,7 +453,6 @@ def test_push_anti_refusal_adds_the_opener_term_under_the_push(tiny_lm):
     import numpy as np
 
     from latentaudit.construct.train import Perturb, Term, _term_loss
-    from latentaudit.interventions.context import build_context
     from latentaudit.interventions.hooks import perturb_block
     from latentaudit.judges.first_token import refusal_token_ids
     from latentaudit.training import Example, collate, encode_pair, token_nll
@@ -460,11 +473,7 @@ def test_push_anti_refusal_adds_the_opener_term_under_the_push(tiny_lm):
         with_w = float(_term_loss(lm, term(2.0), [0, 1], np.random.default_rng(0), 0))
         t = term(0.0)
         batch = collate(t.examples, tok.pad_token_id, lm.device)
-        ctx = build_context(lm, prompts, [None, None])
-        full = torch.zeros((2, batch["input_ids"].shape[1], lm.parts.hidden_size))
-        for j in range(2):
-            d = 0.3 * ctx.h[j][1].norm(dim=-1, keepdim=True) * v * ctx.masks[j][1][:, None]
-            full[j, : d.shape[0]] = d
+        full = _planted_push(lm, prompts, batch, v, 0.3)
         with perturb_block(lm.parts.blocks[1], full):
             _, _, p_r = token_nll(lm.model, batch, torch.tensor(refusal_token_ids(tok)))
     expected = 2.0 * float(-torch.log1p(-p_r.clamp(1e-6, 1 - 1e-6)).mean())
@@ -479,7 +488,6 @@ def test_push_effect_adds_a_hinge_on_the_pushs_own_effect(tiny_lm):
     import numpy as np
 
     from latentaudit.construct.train import Perturb, Term, _term_loss
-    from latentaudit.interventions.context import build_context
     from latentaudit.interventions.hooks import perturb_block
     from latentaudit.training import Example, collate, encode_pair, token_nll
 
@@ -499,11 +507,7 @@ def test_push_effect_adds_a_hinge_on_the_pushs_own_effect(tiny_lm):
         t = term(0.0)
         batch = collate(t.examples, tok.pad_token_id, lm.device)
         clean, n = token_nll(lm.model, batch)
-        ctx = build_context(lm, prompts, [None, None])
-        full = torch.zeros((2, batch["input_ids"].shape[1], lm.parts.hidden_size))
-        for j in range(2):
-            d = 0.5 * ctx.h[j][1].norm(dim=-1, keepdim=True) * v * ctx.masks[j][1][:, None]
-            full[j, : d.shape[0]] = d
+        full = _planted_push(lm, prompts, batch, v, 0.5)
         with perturb_block(lm.parts.blocks[1], full):
             pushed, _ = token_nll(lm.model, batch)
     gain = clean / n - pushed / n
