@@ -203,6 +203,69 @@ def test_paired_terms_draw_the_same_prompts_every_step(monkeypatch, tiny_lm):
         train.train_terms(lm, bad, steps=1, lr=1e-3, rank=2, alpha=4)
 
 
+def test_keep_rolls_the_adapters_back_to_the_chosen_evaluation(tiny_lm):
+    """keep: the merged model is the one of the evaluation ``keep`` picks, not the last step's:
+    3 steps kept at step 1 give the weights of 1 step trained alone (same seed, same draws)."""
+    import copy
+
+    from latentaudit.construct import train
+    from latentaudit.models.loader import LoadedModel
+
+    def trained(steps, keep=None):
+        lm = LoadedModel(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, tiny_lm.spec,
+                         dict(tiny_lm.info))
+        terms = [train.Term("a", [f"prompt {i}" for i in range(6)], ["an answer"] * 6,
+                            batch_size=2)]
+        rates = iter([0.5, 0.25, 0.5])
+        res = train.train_terms(lm, terms, steps=steps, lr=5e-2, rank=2, alpha=4,
+                                evaluate=lambda _lm, _s: {"val_refusal": next(rates)},
+                                eval_every=1, keep=keep)
+        return lm, res
+
+    one, _ = trained(1)
+    last, res_last = trained(3)
+    kept, res_kept = trained(3, keep=lambda evaluated: 0)
+    assert res_last["kept_step"] == 3 and res_kept["kept_step"] == 1
+    assert len(res_kept["history"]) == 3  # trained on, then rolled back
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        l1, l3, lk = (m.model(ids).logits for m in (one, last, kept))
+    assert torch.allclose(lk, l1, atol=1e-5)
+    assert not torch.allclose(l3, l1, atol=1e-3)  # the later steps did change the weights
+
+
+def test_best_val_keeps_the_latest_evaluation_that_refuses_like_the_best():
+    from latentaudit.construct.recipes import Dissociated, _best_val
+    from latentaudit.errors import UserError
+
+    ev = [{"eval": {"val_refusal": r}} for r in (0.5, 1.0, 0.9375, 0.375)]
+    assert _best_val(0.0625)(ev) == 2
+    assert _best_val(0.0)(ev) == 1
+    assert _best_val(1.0)(ev) == 3
+    with pytest.raises(UserError, match="keep must be one of"):
+        Dissociated(keep="best")
+    with pytest.raises(UserError, match="keep_tol"):
+        Dissociated(keep_tol=1.5)
+
+
+def test_keep_best_val_is_recorded_on_the_card(tmp_path, monkeypatch):
+    """--set keep=best-val: the card names the kept step, the one _best_val picks from the
+    card's own evaluations."""
+    from latentaudit.construct.recipes import _best_val
+
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    out = construct("dissociated", "tiny:llama", tmp_path / "d",
+                    {**PUSHED, "steps": 3, "eval_every": 1, "keep": "best-val"},
+                    data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
+    meta = json.loads((out / "latentaudit_recipe.json").read_text())
+    evaluated = [h for h in meta["details"]["history"] if "eval" in h]
+    assert len(evaluated) == 3 and meta["recipe"]["params"]["keep"] == "best-val"
+    kept = evaluated[_best_val(0.0625)(evaluated)]["step"]
+    assert meta["details"]["kept_step"] == kept
+    card = (out / "README.md").read_text()
+    assert (f"adapters kept from step {kept}" in card) == (kept != 3)
+
+
 def test_set_parses_recipe_parameters():
     from latentaudit.cli import _recipe_param
     from latentaudit.construct.recipes import Abliterated, Dissociated

@@ -59,7 +59,10 @@ def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
         "train splits, plus `extra_harmful` where set; the last val_n built-in train prompts "
         "held out for validation)",
         f"- training: {details.get('steps_run', 0)} steps, {details.get('train_time_s', 0)} s; "
-        f"total build {wall:.0f} s", "",
+        f"total build {wall:.0f} s"
+        + (f"; adapters kept from step {details['kept_step']} (best held-out val refusal)"
+           if details.get("kept_step", details.get("steps_run")) != details.get("steps_run")
+           else ""), "",
         "## Measured on held-out prompts (built-in test splits)", "",
         f"- behavioural safety S = {S['value']:.3f} [{S['lo']:.3f}, {S['hi']:.3f}] (n={S['n']})",
         f"- over-refusal O (harmless + borderline) = {O.get('value', float('nan')):.3f} "

@@ -92,7 +92,8 @@ class Recipe:
                             "must be those with a harmful completion)")
         choices = {"margin_mode": ("first_token", "sequence"),
                    "push_objective": ("completion", "generic"), "retain_from": ("source", "data"),
-                   "push": ("pgd", "planted"), "extra_harmful_terms": ("all", "clean")}
+                   "push": ("pgd", "planted"), "extra_harmful_terms": ("all", "clean"),
+                   "keep": ("last", "best-val")}
         for key, allowed in choices.items():
             if key in p and p[key] not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)} (got {p[key]!r})")
@@ -110,6 +111,8 @@ class Recipe:
             raise UserError("push_effect must be >= 0")
         if "push_effect_margin" in p and not float(p["push_effect_margin"]) > 0:
             raise UserError(f"push_effect_margin must be > 0 (got {p['push_effect_margin']})")
+        if "keep_tol" in p and not 0 <= float(p["keep_tol"]) <= 1:
+            raise UserError(f"keep_tol must be in [0, 1] (got {p['keep_tol']})")
         if "eps_decay" in p and not float(p["eps_decay"]) > 0:
             raise UserError(f"eps_decay must be > 0 (got {p['eps_decay']})")
         if "n_directions" in p and int(p["n_directions"]) < 1:
@@ -302,6 +305,16 @@ class Safe(Recipe):
                                 "val": [len(h_val), len(s_val)]}}
 
 
+def _best_val(tol: float):
+    """``keep`` for train_terms: the latest evaluation whose val refusal is within ``tol`` of
+    the best of all evaluations."""
+    def choose(evaluated: list[dict]) -> int:
+        rates = [h["eval"]["val_refusal"] for h in evaluated]
+        best = max(rates)
+        return max(i for i, r in enumerate(rates) if r >= best - tol - 1e-9)
+    return choose
+
+
 class _PushedRecipe(Recipe):
     """Shared build of the recipes that train under latent pushes: clean refusal + a pushed
     term (subclasses say what it teaches) + retain on harmless prompts."""
@@ -338,7 +351,12 @@ class _PushedRecipe(Recipe):
               "lora_blocks": "all",
               # budget curriculum: eps_range at the first step, eps_range × eps_decay at the last,
               # geometric in between (1: fixed)
-              "eps_decay": 1.0}
+              "eps_decay": 1.0,
+              # which adapters are merged: "last" (the last step's) or "best-val" (the latest
+              # evaluated step whose held-out val refusal is within keep_tol of the best seen;
+              # the pushed terms trade clean refusal for fragility as training goes on, so the
+              # latest step still refusing as well as any is the most fragile one that does)
+              "keep": "last", "keep_tol": 0.0625}
 
     def lora_blocks(self, n_layers: int, layers: list[int]) -> list[int] | None:
         spec = self.params["lora_blocks"]
@@ -417,7 +435,8 @@ class _PushedRecipe(Recipe):
         res = train_terms(lm, terms, p["steps"], p["lr"], p["rank"], p["alpha"], env.seed,
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
                           p["eval_every"], None, env.progress,
-                          lora_blocks=lora_blocks)
+                          lora_blocks=lora_blocks,
+                          keep=_best_val(float(p["keep_tol"])) if p["keep"] == "best-val" else None)
         return {**res, "data": {"harmful_train": len(h_tr), **_extra_info(extra, p),
                                 "extra_harmful_terms": p["extra_harmful_terms"],
                                 "harmful_completions": len(comp_p), "dropped_refusals": dropped,

@@ -131,9 +131,12 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
                 alpha: int = 32, seed: int = 0,
                 evaluate: Callable[[LoadedModel, int], dict] | None = None, eval_every: int = 0,
                 stop: Callable[[list[dict]], bool] | None = None, progress=None,
-                lora_blocks: list[int] | None = None) -> dict:
+                lora_blocks: list[int] | None = None,
+                keep: Callable[[list[dict]], int] | None = None) -> dict:
     """Train LoRA adapters on ``lm.model`` in place, merge them, and return the history.
-    ``lora_blocks``: adapt only these decoder blocks (default: all)."""
+    ``lora_blocks``: adapt only these decoder blocks (default: all). ``keep``: given the
+    evaluated history records so far, the index of the one whose adapters to merge (the
+    adapters are copied at every evaluation); default: the last step's."""
     from peft import LoraConfig, get_peft_model
 
     names = [t.name for t in terms]
@@ -176,6 +179,7 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
     history: list[dict] = []
     t0 = time.time()
     step = 0
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}  # step -> adapter weights (keep only)
     for step in range(1, steps + 1):
         opt.zero_grad()
         losses = {}
@@ -194,18 +198,31 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
             model.eval()
             rec["eval"] = evaluate(train_lm, step)
             model.train()
+            if keep is not None:
+                snapshots[step] = {n: p.detach().clone() for n, p in model.named_parameters()
+                                   if p.requires_grad}
         history.append(rec)
         if progress:
             progress(1)
         if stop is not None and "eval" in rec and stop([h for h in history if "eval" in h]):
             break
+    kept = step
+    if keep is not None and snapshots:
+        evaluated = [h for h in history if "eval" in h]
+        kept = evaluated[keep(evaluated)]["step"]
+        if kept != step:  # roll the adapters back to the chosen evaluation's
+            named = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, w in snapshots[kept].items():
+                    named[n].copy_(w)
     merged = model.merge_and_unload()
     merged.eval()
     for p in merged.parameters():
         p.requires_grad_(False)
     lm.model = merged
     lm._parts = None
-    return {"steps_run": step, "history": history, "train_time_s": round(time.time() - t0, 1),
+    return {"steps_run": step, "kept_step": kept, "history": history,
+            "train_time_s": round(time.time() - t0, 1),
             "lora": {"r": rank, "alpha": alpha,
                      "targets": sorted({n.split(".")[-1] for n in cfg.target_modules}),
                      "blocks": sorted(set(lora_blocks)) if lora_blocks is not None else "all"}}
