@@ -236,7 +236,7 @@ def test_warm_start_cost_grows_with_the_guess_error():
     # ε* = ε_min last layer → one call for prompts that still succeed there; +∞ → one call at ε_max
     t2 = np.array([5e-4, 2.0, 0.1])
     res = bisection_search(ThresholdOracle(t2), 3, eps_min, eps_max, rel_tol,
-                           guess=np.array([eps_min, INF, 0.1]))
+                           guess=np.array([eps_min, INF, 0.1]), ladder=None)
     np.testing.assert_array_equal(res.eps_star[:2], [eps_min, INF])
     assert [sum(1 for p, _, _ in res.trace if p == i) for i in range(3)] == [1, 1, 2]
     with pytest.raises(UserError, match="guess has 2 entries for 3 prompts"):
@@ -278,8 +278,9 @@ def test_oracle_is_called_in_batches():
         assert np.all(b == eps)
         remaining -= set(idx[b >= t[idx]])
 
-    oracle = ThresholdOracle(t)
-    res = bisection_search(oracle, t.size, eps_min, eps_max, rel_tol, clean_success=clean)
+    oracle = ThresholdOracle(t)  # the textbook bisection's calls (no ladder below ε_max)
+    res = bisection_search(oracle, t.size, eps_min, eps_max, rel_tol, clean_success=clean,
+                           ladder=None)
     rounds = math.ceil(math.log2(math.log(eps_max / eps_min) / math.log1p(rel_tol)))
     assert res.calls == len(oracle.calls) <= 2 + rounds
     assert res.evaluations == sum(len(i) for i, _ in oracle.calls) == len(res.trace)
@@ -295,11 +296,68 @@ def test_oracle_is_called_in_batches():
         assert set(c) <= set(a)
 
 
+class BandOracle(ThresholdOracle):
+    """Over-pushing: prompt i succeeds iff t[i] <= b <= c·t[i] (a push far past the one that
+    works fails, as an incoherent answer or a PGD that never tries the small push does)."""
+
+    def __init__(self, t, c):
+        super().__init__(t)
+        self.c = c
+
+    def __call__(self, idx, budgets):
+        ok = super().__call__(idx, budgets)
+        return ok & (np.asarray(budgets, float) <= self.c * self.t[np.asarray(idx)])
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_ladder_finds_budgets_below_a_failure_at_eps_max(warm):
+    """A prompt that fails at ε_max but works in a band [t, c·t] at least a ladder factor wide
+    gets ε* within the tolerance above t (as a grid would), not +∞ (as the textbook bisection
+    says); the prompts that work at ε_max are searched exactly as without the ladder."""
+    eps_min, eps_max, rel_tol, c = 1e-3, 0.5, 0.25, 12.0
+    rng = np.random.default_rng(11)
+    t = np.exp(rng.uniform(math.log(eps_min), math.log(eps_max), 200))
+    fooled = c * t < eps_max  # fail at ε_max
+    guess = t * rng.uniform(0.3, 3.0, t.size) if warm else None
+    res = bisection_search(BandOracle(t, c), t.size, eps_min, eps_max, rel_tol, guess=guess)
+    assert np.all((res.eps_star >= t) & (res.eps_star <= t * (1 + rel_tol) * (1 + 1e-9)))
+    plain = bisection_search(BandOracle(t, c), t.size, eps_min, eps_max, rel_tol, guess=guess,
+                             ladder=None)
+    if not warm:
+        assert res.rescued == fooled.sum() > 20
+        assert np.all(np.isinf(plain.eps_star[fooled]))  # what the ladder mends
+        np.testing.assert_array_equal(plain.eps_star[~fooled], res.eps_star[~fooled])
+        grid = grid_search(BandOracle(t, c), t.size, log_grid(eps_min, eps_max, 60))
+        step = math.log(eps_max / eps_min) / 59  # the grid's resolution
+        assert np.all(np.abs(np.log(grid.eps_star / res.eps_star)) <= step + math.log1p(rel_tol))
+
+
+def test_ladder_costs_only_the_prompts_that_never_succeed():
+    """On a monotone oracle the ladder changes no ε*, and adds to each +∞ prompt only its rungs
+    (ε_max/10, /100, … down to ε_min)."""
+    eps_min, eps_max, rel_tol = 1e-3, 0.5, 0.25
+    t = thresholds(5, eps_min, eps_max)
+    clean = t == 0
+    a = bisection_search(ThresholdOracle(t), t.size, eps_min, eps_max, rel_tol, clean_success=clean)
+    b = bisection_search(ThresholdOracle(t), t.size, eps_min, eps_max, rel_tol, clean_success=clean,
+                         ladder=None)
+    np.testing.assert_array_equal(a.eps_star, b.eps_star)
+    never = t > eps_max  # +∞ here, some of them finite past ε_max
+    assert never.sum() > 0 and a.rescued == 0
+    assert a.evaluations - b.evaluations == 3 * never.sum()  # 0.05, 0.005, 0.001
+    with pytest.raises(UserError, match="ladder must be > 1"):
+        bisection_search(ThresholdOracle(t), t.size, eps_min, eps_max, ladder=1.0)
+
+
 def test_bisection_edge_cases():
     t = np.array([0.02, 0.0005, 0.5])
-    res = bisection_search(ThresholdOracle(t), 3, 0.001, 0.1, max_rounds=0)
+    res = bisection_search(ThresholdOracle(t), 3, 0.001, 0.1, max_rounds=0, ladder=None)
     np.testing.assert_array_equal(res.eps_star, [0.1, 0.001, INF])  # no rounds: ε* = hi = ε_max
     assert res.calls == 2
+    # with the ladder the +∞ prompt's two rungs (0.01, 0.001) are extra calls, not rounds
+    res = bisection_search(ThresholdOracle(t), 3, 0.001, 0.1, max_rounds=0)
+    np.testing.assert_array_equal(res.eps_star, [0.1, 0.001, INF])
+    assert [b for p, b, _ in res.trace if p == 2] == [0.1, 0.01, 0.001]
     empty = bisection_search(ThresholdOracle([]), 0, 0.001, 0.1)
     assert isinstance(empty, SearchResult) and empty.calls == 0 and empty.eps_star.size == 0
     assert grid_search(ThresholdOracle([]), 0, [0.1, 1.0]).calls == 0

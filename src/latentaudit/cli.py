@@ -157,6 +157,9 @@ def latent(
                                       "or grid [default: bisection]")] = None,
     rel_tol: Annotated[Optional[float], typer.Option(help="bisection tolerance: stop when hi/lo <= 1+rel_tol [default: 0.25]")] = None,
     grid_points: Annotated[Optional[int], typer.Option(help="points of the log grid [default: 9]")] = None,
+    ladder: Annotated[Optional[float], typer.Option(help="bisection: a prompt failing at eps_max is tried at eps_max/L, /L^2, ... "
+                                      "down to eps_min before it counts as not elicited (over-pushing can fail where a "
+                                      "smaller push works); latent.ladder: null in --config trusts eps_max [default: 10]")] = None,
     positions: Annotated[Optional[str], typer.Option(help="prompt (minus first token and sinks), last, or all [default: prompt]")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="greedy tokens judged per attempt [default: 32]")] = None,
     pgd_steps: Annotated[Optional[int], typer.Option(help="PGD gradient steps [default: 10]")] = None,
@@ -178,7 +181,7 @@ def latent(
     over.update({"latent.harmful": harmful, "latent.layers": layers, "latent.families": fams,
                  "latent.eps_min": eps_min, "latent.eps_max": eps_max, "latent.search": search,
                  "latent.rel_tol": rel_tol, "latent.grid_points": grid_points,
-                 "latent.positions": positions, "latent.max_new_tokens": max_new_tokens,
+                 "latent.ladder": ladder, "latent.positions": positions, "latent.max_new_tokens": max_new_tokens,
                  "latent.pgd_steps": pgd_steps, "latent.pgd_optimizer": pgd_optimizer,
                  "latent.noise_draws": noise_draws, "latent.success": success})
     cfg = resolve_config(str(config) if config else None, over)

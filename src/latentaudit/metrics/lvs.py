@@ -42,6 +42,7 @@ class SearchResult:
     evaluations: int = 0  # total (prompt, budget) oracle evaluations — the cost
     calls: int = 0  # oracle calls
     trace: list[tuple[int, float, bool]] = field(default_factory=list)  # (prompt, budget, success)
+    rescued: int = 0  # prompts that failed at a larger budget and succeeded at a smaller one
 
 
 # ---------------------------------------------------------------------------- validation
@@ -180,6 +181,7 @@ def bisection_search(
     clean_success: np.ndarray | None = None,
     max_rounds: int = 20,
     guess: np.ndarray | None = None,
+    ladder: float | None = 10.0,
 ) -> SearchResult:
     """ε* by bisection in ln ε, to hi/lo ≤ 1 + rel_tol; ε* = hi, the smallest budget known to work.
 
@@ -196,8 +198,16 @@ def bisection_search(
     about 2·log2(m) + 2. The result carries the same guarantee either way: ε* = hi with
     hi/lo ≤ f, lo a budget that failed (or ε* = ε_min / +∞ at the ends).
 
+    Over-pushing (``ladder``): an attack can fail at a large budget and succeed at a smaller one
+    (PGD's steps are sized to the ball, so inside a large ball it may never try the small push
+    that works, and a push far past the one that flips the answer can make it incoherent). So a
+    failure at ε_max is not taken as +∞ at once: the prompt then descends a ladder below its
+    smallest failed budget, a factor ``ladder`` per call down to ε_min, and only a failure all
+    the way down gives +∞; a success there is bisected as usual below it (``res.rescued``
+    counts these prompts). ``ladder=None`` trusts ε_max's failure (the textbook bisection).
+
     Prompts of both kinds share each oracle call. After ``max_rounds`` bisection rounds (plus the
-    galloping rounds a guess may need) a prompt keeps its current hi (an upper bound on ε*).
+    galloping and ladder rounds) a prompt keeps its current hi (an upper bound on ε*).
     """
     _check_range(eps_min, eps_max)
     if not (np.isfinite(rel_tol) and rel_tol > 0):
@@ -222,12 +232,18 @@ def bisection_search(
     todo = todo[~_resolved(lo[todo], hi[todo], eps_min, eps_max, f)]
     gallop = (int(np.ceil(np.log2(np.log(eps_max / eps_min) / np.log(f) + 1))) + 1
               if warm[todo].any() else 0)
-    for _ in range(2 + max_rounds + gallop):
-        if todo.size == 0:
-            break
+    if ladder is not None and not (np.isfinite(ladder) and ladder > 1):
+        raise UserError(f"ladder must be > 1 (or None); got {ladder}")
+    min_fail = np.full(n_prompts, np.inf)  # smallest budget that failed, while none succeeded
+    rung = np.full(n_prompts, np.nan)  # the next ladder probe (nan: not descending)
+    limit = 2 + max_rounds + gallop  # probes per prompt, not counting its ladder rungs
+    used = np.zeros(n_prompts, dtype=int)
+    while todo.size:
         l, h, w, k = lo[todo], hi[todo], warm[todo], steps[todo]
+        desc = np.isfinite(rung[todo])
         probe = np.full(todo.size, np.nan)
-        new = (l == 0) & ~np.isfinite(h)
+        probe[desc] = rung[todo[desc]]
+        new = (l == 0) & ~np.isfinite(h) & ~desc
         probe[new] = first[todo[new]]
         up = (l > 0) & ~np.isfinite(h) & (l < eps_max)  # only warm prompts fail first
         probe[up] = np.minimum(eps_max, l[up] * f ** (2.0 ** k[up]))
@@ -243,7 +259,25 @@ def bisection_search(
         steps[idx] = np.where((down & ok) | (up & ~ok), k + 1, 0)
         hi[idx[ok]] = b[ok]
         lo[idx[~ok]] = b[~ok]
-        todo = todo[~_resolved(lo[todo], hi[todo], eps_min, eps_max, f)]
+        nohit = ~np.isfinite(hi[idx])
+        min_fail[idx[~ok & nohit]] = np.minimum(min_fail[idx[~ok & nohit]], b[~ok & nohit])
+        if ladder:
+            found = desc & ok  # the ladder found a working budget below failed larger ones
+            res.rescued += int(found.sum())
+            rung[idx[found]] = np.nan
+            lo[idx[found]] = 0.0  # nothing below it has been tried: bisect from ε_min up
+            # failed at ε_max with nothing found yet (or failed on the ladder): the next rung,
+            # below the smallest failed budget; +∞ only once ε_min has failed too
+            go = ~ok & nohit & ((lo[idx] >= eps_max) | desc)
+            start = idx[go]
+            below = min_fail[start] / ladder
+            more = min_fail[start] > eps_min * (1 + 1e-12)
+            rung[start[more]] = np.maximum(eps_min, below[more])
+            lo[start[more]] = 0.0
+            rung[start[~more]] = np.nan
+            lo[start[~more]] = eps_max  # resolved: +∞
+        used[idx[~desc]] += 1
+        todo = todo[~_resolved(lo[todo], hi[todo], eps_min, eps_max, f) & (used[todo] < limit)]
     rest = ~clean
     res.eps_star[rest] = hi[rest]
     return res

@@ -51,6 +51,10 @@ class LatentConfig(BaseModel):
         True, description="bisection: sweep layers from the deepest (the cheapest PGD step) "
         "and start each prompt's search at its eps* from the layer before (depth profiles are "
         "smooth: 2 evaluations when the guess holds); false: every layer searched cold")
+    ladder: float | None = Field(
+        10.0, gt=1, description="bisection: a prompt that fails at eps_max is tried at "
+        "eps_max/ladder, /ladder², … down to eps_min before it is called +inf (an attack can "
+        "fail in a large ball and succeed in a small one: over-pushing); null trusts eps_max")
     grid_points: int = Field(9, ge=2)
     fixed_budgets: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.2])
     positions: Literal["prompt", "last", "all"] = "prompt"
@@ -135,6 +139,8 @@ class LayerResult(BaseModel):
     eps_star: list[float | None] = Field(description="per prompt; null = +∞ (not elicited)")
     asr_fixed: dict[str, Estimate]
     evaluations: int
+    rescued: int = Field(0, description="prompts that failed at a larger budget and were "
+                         "elicited at a smaller one (bisection's ladder; 0 for the grid)")
     wall_time_s: float
 
 
@@ -397,7 +403,7 @@ def run_latent(lm, store: ResultStore, model_key: str, ps: PromptSet, cfg: Laten
             per_layer.append(LayerResult(
                 layer=layer, site=f"blocks.{layer}.resid_post", lvs=lvs, lvs_nonrefusal=lvs_nr,
                 eps_star=[None if not np.isfinite(e) else float(e) for e in eps_star],
-                asr_fixed=asr_fixed, evaluations=res.evaluations,
+                asr_fixed=asr_fixed, evaluations=res.evaluations, rescued=res.rescued,
                 wall_time_s=round(time.time() - tl, 2)))
             score_cols.append(prompt_scores(eps_star, cfg.eps_min, cfg.eps_max))
         order = np.argsort([lr.layer for lr in per_layer], kind="stable")
@@ -445,7 +451,7 @@ def _search(ask, cfg: LatentConfig, n: int, clean_ok: np.ndarray, grid: np.ndarr
     if cfg.search == "grid":
         return grid_search(ask, n, grid, clean_success=clean_ok)
     return bisection_search(ask, n, cfg.eps_min, cfg.eps_max, cfg.rel_tol, clean_success=clean_ok,
-                            guess=guess if cfg.warm_start else None)
+                            guess=guess if cfg.warm_start else None, ladder=cfg.ladder)
 
 
 def _run_ablate(runner: LatentRunner, directions: RefusalDirections) -> AblateResult:
