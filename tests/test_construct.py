@@ -795,3 +795,73 @@ def test_extra_harmful_terms_clean_gives_the_extra_prompts_a_refusal_term_of_the
     assert data["extra_harmful"]["n"] == 2 and data["extra_harmful_terms"] == "clean"
     with pytest.raises(Exception, match="extra_harmful_terms"):
         recipes.Dissociated(extra_harmful_terms="pushed")
+
+
+def _rms_on_projected(lm, P):
+    """Runtime twin of a rescaled model: every RMSNorm of ``lm`` normalises h by rms(P h)
+    instead of rms(h) (forward hooks), which is all that the weight edit changes."""
+    norms = [m for b in lm.parts.blocks for m in (b.input_layernorm, b.post_attention_layernorm)]
+    norms.append(lm.parts.final_norm)
+
+    def hook(mod, args, out):
+        h = args[0]
+        eps = mod.variance_epsilon
+        rms = (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        rms_p = ((h @ P.T).pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        return out * rms / rms_p
+
+    return [n.register_forward_hook(hook) for n in norms]
+
+
+@pytest.mark.parametrize("k", [1.0, 8.0])
+def test_rescaled_subspace_is_written_quietly_and_read_loudly(tiny_lm, k):
+    """rescale_subspace(k): the stream's Q-component is k times smaller at every layer, the rest
+    unchanged; the logits equal the original's with each RMSNorm reading rms(P h) (the only
+    difference, zero for k = 1); and a push α·q at a layer acts as k·α·q on the original."""
+    from latentaudit.construct.abliterate import orthonormal_basis
+    from latentaudit.construct.rescale import rescale_subspace
+    from latentaudit.interventions.hooks import hook_outputs, perturb_block
+
+    g = torch.Generator().manual_seed(5)
+    rs = [torch.randn(tiny_lm.parts.hidden_size, generator=g) for _ in range(2)]
+    Q = orthonormal_basis(rs)
+    d = Q.shape[0]
+    P = torch.eye(d) - (1 - 1 / k) * Q @ Q.T
+    lm2 = load_model("tiny:llama", device="cpu")
+    assert rescale_subspace(lm2, rs, k) == 2
+    assert not lm2.model.config.tie_word_embeddings  # the head reads; the embedding writes
+    x = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+    def states(lm):
+        outs = []
+        with torch.no_grad(), hook_outputs(list(lm.parts.blocks), lambda h: outs.append(h) or h):
+            logits = lm.model(x).logits
+        return logits, outs
+
+    handles = _rms_on_projected(tiny_lm, P)
+    try:
+        twin, h_orig = states(tiny_lm)
+        q, layer, alpha = Q[:, 0], 1, 0.3
+        with torch.no_grad(), perturb_block(tiny_lm.parts.blocks[layer], k * alpha * q.expand(1, 6, d)):
+            twin_pushed = tiny_lm.model(x).logits
+    finally:
+        for h in handles:
+            h.remove()
+    edited, h_new = states(lm2)
+    assert torch.allclose(edited, twin, atol=1e-4)
+    for a, b in zip(h_orig, h_new):
+        assert torch.allclose(b @ Q, (a @ Q) / k, atol=1e-4)
+        assert torch.allclose(b - (b @ Q) @ Q.T, a - (a @ Q) @ Q.T, atol=1e-4)
+    with torch.no_grad(), perturb_block(lm2.parts.blocks[layer], alpha * q.expand(1, 6, d)):
+        pushed = lm2.model(x).logits
+    assert torch.allclose(pushed, twin_pushed, atol=1e-4)
+    if k > 1:  # a small push moves the rescaled model about k times more than the original
+        small = 1e-3 * q.expand(1, 6, d)
+        with torch.no_grad():
+            with perturb_block(tiny_lm.parts.blocks[layer], small):
+                plain = tiny_lm.model(x).logits
+            with perturb_block(lm2.parts.blocks[layer], small):
+                moved = lm2.model(x).logits
+            clean = tiny_lm.model(x).logits
+        ratio = (moved - edited).norm() / (plain - clean).norm()
+        assert 0.5 * k < ratio < 1.5 * k, ratio
