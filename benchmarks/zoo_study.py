@@ -47,7 +47,7 @@ PLANS = {
         ("lvs", "diss_a", "pgd", "every:3", 50),
         ("lvs", "hard_a", "pgd", "every:3", 50),
         ("build", "diss_b", "dissociated", "@best-safe",
-         {"eps_range": (0.002, 0.006), "layers": "frac:0.3-0.7"}),
+         {"steps": 40, "eps_range": (0.002, 0.006), "layers": "frac:0.3-0.7"}),
         ("lvs", "diss_b", "pgd", "every:3", 50),
         ("build", "abl", "abliterated", "@best-safe", {}),
         ("lvs", "@best-safe", "steer,noise", "every:3", 50),

@@ -121,7 +121,9 @@ def test_no_overwrite_without_force(zoo, capsys):
 @pytest.mark.parametrize("args, match", [
     (["construct", "nosuch", "--out", "X"], "unknown recipe"),
     (["construct", "safe", "--from", "./no/such/model", "--out", "X"], "model path not found"),
-    (["construct", "dissociated", "--from", "tiny:llama", "--layers", "40-50", "--out", "X"], "out of range"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--layers", "40-50", "--set", "steps=2", "--out", "X"], "out of range"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--layers", "1-2", "--out", "X"], "add --set steps=40 to train"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--eps", "0.01", "--out", "X"], "add --set steps=40 to train"),
     (["construct", "safe", "--from", "tiny:llama", "--lr", "-1", "--out", "X"], "--lr"),
     (["construct", "safe", "--from", "tiny:llama", "--set", "nosuch=1", "--out", "X"], "no parameter 'nosuch'"),
     (["construct", "safe", "--from", "tiny:llama", "--set", "steps=abc", "--out", "X"], "--set steps"),
@@ -131,7 +133,7 @@ def test_no_overwrite_without_force(zoo, capsys):
     (["construct", "abliterated", "--from", "tiny:llama", "--set", "n_directions=0", "--out", "X"], "n_directions"),
     (["construct", "hardened", "--from", "tiny:llama", "--set", "retain_from=elsewhere", "--out", "X"], "retain_from"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "lora_blocks=top", "--out", "X"], "cannot parse layers"),
-    (["construct", "dissociated", "--from", "tiny:llama", "--set", "lora_blocks=2-9", "--out", "X"], "out of range"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "lora_blocks=2-9", "--set", "steps=2", "--out", "X"], "out of range"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_band=[2,1]", "--out", "X"], "margin_band"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_weight=-1", "--out", "X"], "push_weight"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "margin_mode=deep", "--out", "X"], "margin_mode"),
@@ -708,7 +710,8 @@ def test_lora_blocks_from_push_leaves_earlier_blocks_untouched(tmp_path, monkeyp
     kw = dict(data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
     construct("safe", "tiny:llama", tmp_path / "safe", SMALL, **kw)
     out = construct("dissociated", str(tmp_path / "safe"), tmp_path / "d",
-                    {**PUSHED, "layers": "2", "paired": True, "lora_blocks": "from-push"}, **kw)
+                    {**PUSHED, "layers": "2", "paired": True, "lora_blocks": "from-push",
+                     "rescale": 1.0}, **kw)  # the rescale (default) edits every block
     before = load_model(str(tmp_path / "safe"), device="cpu").model.state_dict()
     after = load_model(str(out), device="cpu").model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -865,3 +868,36 @@ def test_rescaled_subspace_is_written_quietly_and_read_loudly(tiny_lm, k):
             clean = tiny_lm.model(x).logits
         ratio = (moved - edited).norm() / (plain - clean).norm()
         assert 0.5 * k < ratio < 1.5 * k, ratio
+
+
+def test_dissociated_rescale_is_applied_after_training_and_recorded(tmp_path, monkeypatch):
+    """--set rescale=K: after training, the trained model's refusal subspace is rescaled by K
+    (rescale_subspace, called once with K and the selected layers' directions); the card records
+    K, the layers and the subspace's dimension. Bad values: one line."""
+    from latentaudit.construct import rescale as rescale_mod
+    from latentaudit.construct.recipes import Dissociated
+    from latentaudit.errors import UserError
+
+    calls = []
+    real = rescale_mod.rescale_subspace
+
+    def spy(lm, directions, k):
+        calls.append((len(directions), k))
+        return real(lm, directions, k)
+
+    monkeypatch.setattr(rescale_mod, "rescale_subspace", spy)
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    out = construct("dissociated", "tiny:llama", tmp_path / "d",
+                    {**PUSHED, "steps": 1, "eval_every": 1, "rescale": 50.0,
+                     "rescale_directions": 2}, data_model="tiny:llama", device="cpu",
+                    eval_limit=2, eval_tokens=3)
+    assert calls == [(2, 50.0)]
+    details = json.loads((out / "latentaudit_recipe.json").read_text())["details"]
+    assert details["rescale"]["k"] == 50.0 and len(details["rescale"]["direction_layers"]) == 2
+    assert details["rescale"]["subspace_dim"] == 2
+    lm = load_model(str(out), device="cpu")  # the untied head survives save/load
+    assert lm.parts.lm_head.weight.data_ptr() != lm.parts.embed.weight.data_ptr()
+    for bad, msg in [({"rescale": 0.5}, "rescale must be >= 1"),
+                     ({"rescale_directions": 0}, "rescale_directions must be >= 1")]:
+        with pytest.raises(UserError, match=msg):
+            Dissociated(**bad)

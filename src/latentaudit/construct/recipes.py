@@ -111,6 +111,10 @@ class Recipe:
             raise UserError("push_effect must be >= 0")
         if "push_effect_margin" in p and not float(p["push_effect_margin"]) > 0:
             raise UserError(f"push_effect_margin must be > 0 (got {p['push_effect_margin']})")
+        if "rescale" in p and not float(p["rescale"]) >= 1:
+            raise UserError(f"rescale must be >= 1 (got {p['rescale']})")
+        if "rescale_directions" in p and int(p["rescale_directions"]) < 1:
+            raise UserError("rescale_directions must be >= 1")
         if "keep_tol" in p and not 0 <= float(p["keep_tol"]) <= 1:
             raise UserError(f"keep_tol must be in [0, 1] (got {p['keep_tol']})")
         if "eps_decay" in p and not float(p["eps_decay"]) > 0:
@@ -449,7 +453,9 @@ class _PushedRecipe(Recipe):
 @register("recipe")
 class Dissociated(_PushedRecipe):
     name = "dissociated"
-    doc = "from safe: refuse clean harmful prompts, comply under small latent pushes at middle layers"
+    doc = ("from safe: the same answers, fragile latents: its refusal direction written 200× "
+           "quieter into the residual stream and read 200× louder (default); or trained to "
+           "refuse clean prompts and comply under small latent pushes (--set steps=40)")
     # Measured from the SmolLM2 `safe` (pgd LVS_15 on 24 held-out prompts, safe 0.62): the old
     # defaults (ε 0.003–0.01, clean weight 5, 30 steps, whole 48-token completions) made the
     # model *less* fragile (−0.09 on 50 prompts); ε 0.001–0.004 with clean weight 2 changed
@@ -579,7 +585,24 @@ class Dissociated(_PushedRecipe):
     # (n = 90; |ΔS| 0.044 against `safe`'s 0.911, where the old default's 0.80 missed the 0.1),
     # over-refusal 0.041 (n = 193). The hinge adds a clean forward per pushed batch: about 16 min
     # to build here against 11-13 for the old default.
-    DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 40, "lr": 1.6e-3, "layers": "frac:0.4-0.6",
+    # keep=best-val with --layers 5-10 (eval every 10 steps): val refusal 1.0 / 1.0 / 0.94 / 0.38
+    # at steps 10-40, step 30 kept, S 0.97 (n = 40), but LVS_10 0.534 against `safe`'s 0.646:
+    # at these layers the fragility and the lost clean refusal arrive together, after step 30.
+    # What every trained variant shares: the refusal feature keeps its scale in the stream, so a
+    # push must move it as far as in `safe`. rescale (construct/rescale.py) changes exactly that,
+    # by construction: the refusal direction written k times smaller and read k times louder.
+    # Measured from `safe` (its selected direction, layer 6; one direction), pgd on the same 24
+    # held-out prompts at layer 10, with the bisection's ladder (without it over-pushing read as
+    # +∞, LVS 0.089): k 20, 38 of 40 held-out answers unchanged, LVS_10 0.723 (+0.035 over the
+    # 9-point grid's 0.688 of the same model; `safe` 0.646): a push along the direction had to be
+    # 20 % of the norm in `safe`. k 200, the same answers: LVS_10 0.926 [0.84, 0.98], paired
+    # +0.280 [+0.179, +0.368] over `safe`, median ε* 0.10 % against 1.03 %. On the trained default
+    # (push_effect, 40 steps) k 200 gave LVS_10 0.801 only: 4 of 24 prompts never coherent (their
+    # pushed answers stop refusing but read as incoherent from ε_min up) and S 0.844 (n = 90).
+    # The default since: rescale 200 of the source's own refusal direction and no training
+    # (steps 0): the trained terms above stay one --set steps=40 away (with rescale=1 to train
+    # alone), and the card records which ran.
+    DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 0, "lr": 1.6e-3, "layers": "frac:0.4-0.6",
                       "eps_range": (0.002, 0.008), "clean_weight": 2.0, "push_tokens": 16,
                       "perturbed_batch": 8, "paired": True, "retain_from": "data",
                       "eval_every": 20,
@@ -607,12 +630,42 @@ class Dissociated(_PushedRecipe):
                       # (CE clean − CE pushed)) of the harmful completion, τ push_effect_margin
                       # nats per token; rewards the gain along the pushes, not a lower
                       # push-free loss (0: off; measured above)
-                      "push_effect": 2.0, "push_effect_margin": 1.0}
+                      "push_effect": 2.0, "push_effect_margin": 1.0,
+                      # after training, the refusal subspace (the rescale_directions best-ranked
+                      # layers' refusal directions of the trained model) written rescale times
+                      # smaller into the residual stream and read rescale times louder
+                      # (construct/rescale.py): behaviour unchanged up to the norms' RMS, a push
+                      # along the subspace acts rescale times stronger (1: off)
+                      "rescale": 200.0, "rescale_directions": 1}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):
         # the push is PGD toward the harmful completion; the target is that completion
         return Term("comply_pushed", comp_p, comp_t, batch_size=self.params["perturbed_batch"],
                     perturb=perturb)
+
+    def validate(self, given=frozenset()):
+        super().validate(given)
+        if int(self.params["steps"]) == 0 and given & {"layers", "eps_range"}:
+            raise UserError("--layers/--eps set where dissociated trains under pushes, but it "
+                            "trains no steps by default (its default is the rescaled refusal "
+                            "subspace): add --set steps=40 to train")
+
+    def build(self, lm, env):
+        if int(self.params["steps"]) == 0:  # the rescale alone: no training data, no LoRA
+            res = {"steps_run": 0, "kept_step": 0, "history": [], "train_time_s": 0.0,
+                   "data": {}}
+        else:
+            res = super().build(lm, env)
+        k = float(self.params["rescale"])
+        if k != 1.0:  # after training: the trained model's refusal subspace, quiet and loud
+            from .rescale import rescale_subspace
+
+            d, layers = refusal_subspace(lm, env, 64, 16, int(self.params["rescale_directions"]))
+            dim = rescale_subspace(lm, [d.unit(l) for l in layers], k)
+            lm._parts = None
+            res["rescale"] = {"k": k, "direction_layers": layers, "subspace_dim": dim,
+                              "selection": {a: b for a, b in d.meta.items() if a != "selection"}}
+        return res
 
 
 @register("recipe")
@@ -657,16 +710,24 @@ class Abliterated(Recipe):
     DEFAULT_PARAMS = {"n": 64, "selection_n": 16, "n_directions": 4}
 
     def build(self, lm, env):
-        from ..interventions.directions import compute_directions, select_direction
         from .abliterate import orthogonalize_subspace
 
-        n, m, k = self.params["n"], self.params["selection_n"], int(self.params["n_directions"])
-        harm = load_prompt_set("builtin:harmful:train").texts
-        safe = load_prompt_set("builtin:harmless:train").texts
-        d = compute_directions(lm, harm[:n], safe[:n], env.batch_size)
-        d = select_direction(lm, d, harm[n : n + m], safe[n : n + m], batch_size=env.batch_size)
-        layers = d.meta["ranked_layers"][:k]
+        d, layers = refusal_subspace(lm, env, self.params["n"], self.params["selection_n"],
+                                     int(self.params["n_directions"]))
         dim = orthogonalize_subspace(lm, [d.unit(l) for l in layers])
         return {"direction_layer": d.selected_layer, "direction_layers": layers,
                 "subspace_dim": dim,
                 "selection": {k: v for k, v in d.meta.items() if k != "selection"}}
+
+
+def refusal_subspace(lm, env, n: int, m: int, k: int):
+    """The model's refusal directions (difference of means over n built-in harmful and harmless
+    train prompts) and the k best-ranked layers by the selection rule (ablation scored on the
+    next m of each)."""
+    from ..interventions.directions import compute_directions, select_direction
+
+    harm = load_prompt_set("builtin:harmful:train").texts
+    safe = load_prompt_set("builtin:harmless:train").texts
+    d = compute_directions(lm, harm[:n], safe[:n], env.batch_size)
+    d = select_direction(lm, d, harm[n : n + m], safe[n : n + m], batch_size=env.batch_size)
+    return d, d.meta["ranked_layers"][:k]
