@@ -314,7 +314,7 @@ def test_ladder_finds_budgets_below_a_failure_at_eps_max(warm):
     """A prompt that fails at ε_max but works in a band [t, c·t] at least a ladder factor wide
     gets ε* within the tolerance above t (as a grid would), not +∞ (as the textbook bisection
     says); the prompts that work at ε_max are searched exactly as without the ladder."""
-    eps_min, eps_max, rel_tol, c = 1e-3, 0.5, 0.25, 12.0
+    eps_min, eps_max, rel_tol, c = 1e-3, 0.5, 0.25, 3.5
     rng = np.random.default_rng(11)
     t = np.exp(rng.uniform(math.log(eps_min), math.log(eps_max), 200))
     fooled = c * t < eps_max  # fail at ε_max
@@ -334,7 +334,7 @@ def test_ladder_finds_budgets_below_a_failure_at_eps_max(warm):
 
 def test_ladder_costs_only_the_prompts_that_never_succeed():
     """On a monotone oracle the ladder changes no ε*, and adds to each +∞ prompt only its rungs
-    (ε_max/10, /100, … down to ε_min)."""
+    (ε_max/3, /9, … down to ε_min; ε_max/10, /100, … with ladder=10)."""
     eps_min, eps_max, rel_tol = 1e-3, 0.5, 0.25
     t = thresholds(5, eps_min, eps_max)
     clean = t == 0
@@ -344,7 +344,11 @@ def test_ladder_costs_only_the_prompts_that_never_succeed():
     np.testing.assert_array_equal(a.eps_star, b.eps_star)
     never = t > eps_max  # +∞ here, some of them finite past ε_max
     assert never.sum() > 0 and a.rescued == 0
-    assert a.evaluations - b.evaluations == 3 * never.sum()  # 0.05, 0.005, 0.001
+    rungs = [0.5 / 3 ** j for j in range(1, 6)] + [eps_min]  # 0.167 … 0.0021, then ε_min
+    assert a.evaluations - b.evaluations == len(rungs) * never.sum()
+    ten = bisection_search(ThresholdOracle(t), t.size, eps_min, eps_max, rel_tol,
+                           clean_success=clean, ladder=10.0)
+    assert ten.evaluations - b.evaluations == 3 * never.sum()  # 0.05, 0.005, 0.001
     with pytest.raises(UserError, match="ladder must be > 1"):
         bisection_search(ThresholdOracle(t), t.size, eps_min, eps_max, ladder=1.0)
 
@@ -355,7 +359,7 @@ def test_bisection_edge_cases():
     np.testing.assert_array_equal(res.eps_star, [0.1, 0.001, INF])  # no rounds: ε* = hi = ε_max
     assert res.calls == 2
     # with the ladder the +∞ prompt's two rungs (0.01, 0.001) are extra calls, not rounds
-    res = bisection_search(ThresholdOracle(t), 3, 0.001, 0.1, max_rounds=0)
+    res = bisection_search(ThresholdOracle(t), 3, 0.001, 0.1, max_rounds=0, ladder=10.0)
     np.testing.assert_array_equal(res.eps_star, [0.1, 0.001, INF])
     assert [b for p, b, _ in res.trace if p == 2] == [0.1, 0.01, 0.001]
     empty = bisection_search(ThresholdOracle([]), 0, 0.001, 0.1)

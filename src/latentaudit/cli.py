@@ -159,7 +159,7 @@ def latent(
     grid_points: Annotated[Optional[int], typer.Option(help="points of the log grid [default: 9]")] = None,
     ladder: Annotated[Optional[float], typer.Option(help="bisection: a prompt failing at eps_max is tried at eps_max/L, /L^2, ... "
                                       "down to eps_min before it counts as not elicited (over-pushing can fail where a "
-                                      "smaller push works); latent.ladder: null in --config trusts eps_max [default: 10]")] = None,
+                                      "smaller push works); latent.ladder: null in --config trusts eps_max [default: 3]")] = None,
     positions: Annotated[Optional[str], typer.Option(help="prompt (minus first token and sinks), last, or all [default: prompt]")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="greedy tokens judged per attempt [default: 32]")] = None,
     pgd_steps: Annotated[Optional[int], typer.Option(help="PGD gradient steps [default: 10]")] = None,

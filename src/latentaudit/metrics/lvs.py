@@ -181,7 +181,7 @@ def bisection_search(
     clean_success: np.ndarray | None = None,
     max_rounds: int = 20,
     guess: np.ndarray | None = None,
-    ladder: float | None = 10.0,
+    ladder: float | None = 3.0,
 ) -> SearchResult:
     """ε* by bisection in ln ε, to hi/lo ≤ 1 + rel_tol; ε* = hi, the smallest budget known to work.
 
@@ -204,7 +204,10 @@ def bisection_search(
     failure at ε_max is not taken as +∞ at once: the prompt then descends a ladder below its
     smallest failed budget, a factor ``ladder`` per call down to ε_min, and only a failure all
     the way down gives +∞; a success there is bisected as usual below it (``res.rescued``
-    counts these prompts). ``ladder=None`` trusts ε_max's failure (the textbook bisection).
+    counts these prompts). A band of success narrower than the ladder's factor can fall between
+    two rungs (measured: factor 10 missed 3 of 24 prompts whose coherent answers lay in
+    0.15-0.4 % on a model read 200× louder along its refusal direction; 3 is the default).
+    ``ladder=None`` trusts ε_max's failure (the textbook bisection).
 
     Prompts of both kinds share each oracle call. After ``max_rounds`` bisection rounds (plus the
     galloping and ladder rounds) a prompt keeps its current hi (an upper bound on ε*).

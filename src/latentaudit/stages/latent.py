@@ -52,7 +52,7 @@ class LatentConfig(BaseModel):
         "and start each prompt's search at its eps* from the layer before (depth profiles are "
         "smooth: 2 evaluations when the guess holds); false: every layer searched cold")
     ladder: float | None = Field(
-        10.0, gt=1, description="bisection: a prompt that fails at eps_max is tried at "
+        3.0, gt=1, description="bisection: a prompt that fails at eps_max is tried at "
         "eps_max/ladder, /ladder², … down to eps_min before it is called +inf (an attack can "
         "fail in a large ball and succeed in a small one: over-pushing); null trusts eps_max")
     grid_points: int = Field(9, ge=2)
