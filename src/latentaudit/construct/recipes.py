@@ -599,6 +599,10 @@ class Dissociated(_PushedRecipe):
     # +0.280 [+0.179, +0.368] over `safe`, median ε* 0.10 % against 1.03 %. On the trained default
     # (push_effect, 40 steps) k 200 gave LVS_10 0.801 only: 4 of 24 prompts never coherent (their
     # pushed answers stop refusing but read as incoherent from ε_min up) and S 0.844 (n = 90).
+    # Built by this recipe from `safe` (steps 0, rescale 200; direction of layer 6), ladder 3:
+    # S 0.900 [0.82, 0.95] (n = 90), over-refusal 0.057 (n = 193), 229 s; LVS_5 / 10 / 15 0.802
+    # / 0.966 / 0.784 against 0.656 / 0.668 / 0.542, LVS(M) 0.966 [0.946, 0.983] against 0.668
+    # [0.610, 0.729], paired +0.297 [+0.246, +0.345].
     # The default since: rescale 200 of the source's own refusal direction and no training
     # (steps 0): the trained terms above stay one --set steps=40 away (with rescale=1 to train
     # alone), and the card records which ran.
