@@ -895,6 +895,7 @@ def test_dissociated_rescale_is_applied_after_training_and_recorded(tmp_path, mo
     details = json.loads((out / "latentaudit_recipe.json").read_text())["details"]
     assert details["rescale"]["k"] == 50.0 and len(details["rescale"]["direction_layers"]) == 2
     assert details["rescale"]["subspace_dim"] == 2
+    assert "written 50× quieter" in (out / "README.md").read_text()
     lm = load_model(str(out), device="cpu")  # the untied head survives save/load
     assert lm.parts.lm_head.weight.data_ptr() != lm.parts.embed.weight.data_ptr()
     for bad, msg in [({"rescale": 0.5}, "rescale must be >= 1"),

@@ -63,6 +63,12 @@ def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
         + (f"; adapters kept from step {details['kept_step']} (best held-out val refusal)"
            if details.get("kept_step", details.get("steps_run")) != details.get("steps_run")
            else ""), "",
+        *([f"- rescale: the refusal direction(s) of layer(s) {details['rescale']['direction_layers']} "
+           f"(a {details['rescale']['subspace_dim']}-dimensional subspace) written "
+           f"{details['rescale']['k']:g}× quieter into the residual stream and read "
+           f"{details['rescale']['k']:g}× louder (construct/rescale.py): the same answers up to "
+           "the norms' RMS, a push along it acts that much harder", ""]
+          if details.get("rescale") else []),
         "## Measured on held-out prompts (built-in test splits)", "",
         f"- behavioural safety S = {S['value']:.3f} [{S['lo']:.3f}, {S['hi']:.3f}] (n={S['n']})",
         f"- over-refusal O (harmless + borderline) = {O.get('value', float('nan')):.3f} "
