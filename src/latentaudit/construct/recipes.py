@@ -602,7 +602,9 @@ class Dissociated(_PushedRecipe):
     # Built by this recipe from `safe` (steps 0, rescale 200; direction of layer 6), ladder 3:
     # S 0.900 [0.82, 0.95] (n = 90), over-refusal 0.057 (n = 193), 229 s; LVS_5 / 10 / 15 0.802
     # / 0.966 / 0.784 against 0.656 / 0.668 / 0.542, LVS(M) 0.966 [0.946, 0.983] against 0.668
-    # [0.610, 0.729], paired +0.297 [+0.246, +0.345].
+    # [0.610, 0.729], paired +0.297 [+0.246, +0.345]. In bfloat16 the rounding is read 200×
+    # louder too: 8 of 40 held-out greedy answers equal the float32 ones (`safe`: 27), refusal
+    # 0.825 against 0.875; audit it in float32.
     # The default since: rescale 200 of the source's own refusal direction and no training
     # (steps 0): the trained terms above stay one --set steps=40 away (with rescale=1 to train
     # alone), and the card records which ran.
