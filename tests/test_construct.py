@@ -16,6 +16,13 @@ from latentaudit.models.loader import load_model
 SMALL = {"steps": 2, "n_harmless": 3, "n_borderline": 2, "n_harmful": 4, "answer_tokens": 4,
          "val_n": 4, "eval_every": 2}
 PUSHED = {**SMALL, "layers": "1-2", "pgd_steps": 1, "push_tokens": 3}
+TINY = dict(data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
+
+
+def _tiny_dissociated(tmp_path, monkeypatch, params):
+    """`dissociated` built from tiny:llama with PUSHED overridden by ``params`` (own cache)."""
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    return construct("dissociated", "tiny:llama", tmp_path / "d", {**PUSHED, **params}, **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -255,10 +262,8 @@ def test_keep_best_val_is_recorded_on_the_card(tmp_path, monkeypatch):
     card's own evaluations."""
     from latentaudit.construct.recipes import _best_val
 
-    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
-    out = construct("dissociated", "tiny:llama", tmp_path / "d",
-                    {**PUSHED, "steps": 3, "eval_every": 1, "keep": "best-val"},
-                    data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
+    out = _tiny_dissociated(tmp_path, monkeypatch,
+                            {"steps": 3, "eval_every": 1, "keep": "best-val"})
     meta = json.loads((out / "latentaudit_recipe.json").read_text())
     evaluated = [h for h in meta["details"]["history"] if "eval" in h]
     assert len(evaluated) == 3 and meta["recipe"]["params"]["keep"] == "best-val"
@@ -458,12 +463,10 @@ def test_eps_decay_shrinks_the_training_budgets_geometrically(tmp_path, monkeypa
         return real(self, ctx, layer, rows, eps, seed)
 
     monkeypatch.setattr(train_mod.PGD, "attack", spy)
-    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
     lo, hi, decay, steps = 0.01, 0.02, 0.01, 5
-    out = construct("dissociated", "tiny:llama", tmp_path / "d",
-                    {**PUSHED, "steps": steps, "eval_every": steps, "eps_range": [lo, hi],
-                     "eps_decay": decay}, data_model="tiny:llama", device="cpu", eval_limit=2,
-                    eval_tokens=3)
+    out = _tiny_dissociated(tmp_path, monkeypatch,
+                            {"steps": steps, "eval_every": steps, "eps_range": [lo, hi],
+                             "eps_decay": decay})
     assert len(drawn) == steps
     for k, eps in enumerate(drawn):
         scale = decay ** (k / (steps - 1))
@@ -486,11 +489,9 @@ def test_push_effect_params_reach_the_pushed_term(tmp_path, monkeypatch):
         return real(lm, terms, *a, **k)
 
     monkeypatch.setattr(recipes_mod, "train_terms", spy)
-    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
-    out = construct("dissociated", "tiny:llama", tmp_path / "d",
-                    {**PUSHED, "steps": 2, "eval_every": 2, "push_effect": 2.5,
-                     "push_effect_margin": 0.7}, data_model="tiny:llama", device="cpu",
-                    eval_limit=2, eval_tokens=3)
+    out = _tiny_dissociated(tmp_path, monkeypatch,
+                            {"steps": 2, "eval_every": 2, "push_effect": 2.5,
+                             "push_effect_margin": 0.7})
     assert seen.pop("comply_pushed") == (2.5, 0.7)
     assert seen and all(w == 0.0 for w, _ in seen.values())
     params = json.loads((out / "latentaudit_recipe.json").read_text())["recipe"]["params"]
@@ -687,10 +688,8 @@ def test_planted_push_trains_along_its_direction(monkeypatch, tiny_lm, tmp_path)
 
     monkeypatch.setattr(train_mod, "perturb_block", spy)
     monkeypatch.setattr(train_mod.PGD, "attack", lambda *a, **k: pytest.fail("PGD was run"))
-    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
-    out = construct("dissociated", "tiny:llama", tmp_path / "d",
-                    {**PUSHED, "paired": True, "push": "planted", "eps_range": [0.01, 0.02]},
-                    data_model="tiny:llama", device="cpu", eval_limit=2, eval_tokens=3)
+    out = _tiny_dissociated(tmp_path, monkeypatch,
+                            {"paired": True, "push": "planted", "eps_range": [0.01, 0.02]})
     meta = json.loads((out / "latentaudit_recipe.json").read_text())
     assert set(meta["details"]["data"]["planted_spread"]) == {"1", "2"}
     assert seen
@@ -886,11 +885,9 @@ def test_dissociated_rescale_is_applied_after_training_and_recorded(tmp_path, mo
         return real(lm, directions, k)
 
     monkeypatch.setattr(rescale_mod, "rescale_subspace", spy)
-    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
-    out = construct("dissociated", "tiny:llama", tmp_path / "d",
-                    {**PUSHED, "steps": 1, "eval_every": 1, "rescale": 50.0,
-                     "rescale_directions": 2}, data_model="tiny:llama", device="cpu",
-                    eval_limit=2, eval_tokens=3)
+    out = _tiny_dissociated(tmp_path, monkeypatch,
+                            {"steps": 1, "eval_every": 1, "rescale": 50.0,
+                             "rescale_directions": 2})
     assert calls == [(2, 50.0)]
     details = json.loads((out / "latentaudit_recipe.json").read_text())["details"]
     assert details["rescale"]["k"] == 50.0 and len(details["rescale"]["direction_layers"]) == 2
