@@ -37,6 +37,18 @@ def orthogonalize_subspace(lm, directions: list[torch.Tensor]) -> int:
     return int(Q.shape[1])
 
 
+def untie_head(lm) -> None:
+    """Give an output head tied to the token embedding its own copy of the weights (and say so
+    in the config), so that editing what the embedding writes leaves what the head reads."""
+    parts = lm.parts
+    head = parts.lm_head
+    if head is not None and head.weight.data_ptr() == parts.embed.weight.data_ptr():
+        head.weight = torch.nn.Parameter(parts.embed.weight.detach().clone(), requires_grad=False)
+        lm.model.config.tie_word_embeddings = False
+        if hasattr(lm.model.config, "get_text_config"):
+            lm.model.config.get_text_config().tie_word_embeddings = False
+
+
 @torch.no_grad()
 def orthogonalize(lm, r_hat: torch.Tensor) -> None:
     parts = lm.parts
@@ -44,13 +56,7 @@ def orthogonalize(lm, r_hat: torch.Tensor) -> None:
         raise UserError(f"weight orthogonalisation is not exact for {parts.family} (its blocks "
                         "normalise what they write into the residual stream)")
     r = (r_hat / r_hat.norm()).to(parts.embed.weight.device, parts.embed.weight.dtype)
-    head = parts.lm_head
-    if head is not None and getattr(head, "weight", None) is parts.embed.weight or (
-            head is not None and head.weight.data_ptr() == parts.embed.weight.data_ptr()):
-        head.weight = torch.nn.Parameter(parts.embed.weight.detach().clone(), requires_grad=False)
-        lm.model.config.tie_word_embeddings = False
-        if hasattr(lm.model.config, "get_text_config"):
-            lm.model.config.get_text_config().tie_word_embeddings = False
+    untie_head(lm)
     E = parts.embed.weight
     E -= (E @ r).unsqueeze(-1) * r
     for layer in range(parts.n_layers):

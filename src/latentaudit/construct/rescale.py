@@ -17,31 +17,14 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from ..models.arch import residual_writers, writer_out_dim
-from .abliterate import orthonormal_basis
+from ..models.arch import _get, residual_writers, writer_out_dim
+from .abliterate import orthonormal_basis, untie_head
 
 # families whose blocks read the residual stream only through plain RMSNorms (y = γ ⊙ h/rms(h))
 # ahead of these linear layers, and write into it directly (no post-norms)
 _READERS = {fam: (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                   ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
             for fam in ("llama", "mistral", "qwen2", "qwen3", "smollm3")}
-
-
-def _get(mod, path: str):
-    for name in path.split("."):
-        mod = getattr(mod, name, None)
-        if mod is None:
-            return None
-    return mod
-
-
-def _untie_head(lm, parts) -> None:
-    head = parts.lm_head
-    if head is not None and head.weight.data_ptr() == parts.embed.weight.data_ptr():
-        head.weight = torch.nn.Parameter(parts.embed.weight.detach().clone(), requires_grad=False)
-        lm.model.config.tie_word_embeddings = False
-        if hasattr(lm.model.config, "get_text_config"):
-            lm.model.config.get_text_config().tie_word_embeddings = False
 
 
 def _fold_and_amplify(norm, readers, Q: torch.Tensor, k: float) -> None:
@@ -70,7 +53,7 @@ def rescale_subspace(lm, directions: list[torch.Tensor], k: float) -> int:
     if final is None or parts.lm_head is None or getattr(final, "bias", None) is not None:
         raise UserError("rescaling needs the final RMSNorm and the output head")
     Q = orthonormal_basis(directions).to(parts.embed.weight.device)  # [d, m]
-    _untie_head(lm, parts)
+    untie_head(lm)
     shrink = 1.0 - 1.0 / k
     E = parts.embed.weight
     Qe = Q.to(E.dtype)
