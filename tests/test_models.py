@@ -28,6 +28,31 @@ def test_local_checkpoint_roundtrip(tmp_path, tiny_lm):
     assert lm.tokenizer.padding_side == "left" and lm.tokenizer.pad_token is not None
 
 
+@pytest.mark.parametrize("k, dtype, warns", [(200.0, "bfloat16", True), (200.0, "float16", True),
+                                              (200.0, "float32", False), (1.0, "bfloat16", False),
+                                              (None, "bfloat16", False)])
+def test_rescaled_zoo_model_below_float32_warns(tmp_path, tiny_lm, k, dtype, warns):
+    """A zoo model whose refusal subspace was rescaled drifts in 16-bit: loading it so says so
+    (one warning, recorded in the model info); float32, an unrescaled card or none are silent."""
+    import json
+
+    ckpt = tmp_path / "ckpt"
+    tiny_lm.model.save_pretrained(ckpt)
+    tiny_lm.tokenizer.save_pretrained(ckpt)
+    if k is not None:
+        (ckpt / "latentaudit_recipe.json").write_text(json.dumps(
+            {"recipe": {"recipe": "dissociated"}, "details": {"rescale": {"k": k}}}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm = load_model(str(ckpt), device="cpu", dtype=dtype)
+    ours = [w for w in caught if "quieter" in str(w.message)]
+    assert len(ours) == (1 if warns else 0)
+    assert ("precision_warning" in lm.info) == warns
+    if warns:
+        assert "--dtype float32" in lm.info["precision_warning"] and "200x" in lm.info[
+            "precision_warning"]
+
+
 def test_dtype_option(tiny_lm):
     lm = load_model("tiny:llama", device="cpu", dtype="bfloat16")
     assert lm.dtype == torch.bfloat16
