@@ -46,7 +46,11 @@ def main() -> None:
         t0 = time.time()
         if not (a.reuse and (out / "config.json").exists()):
             construct(recipe, source, out, force=True, device="cpu", eval_limit=a.eval_limit)
-        models.append((recipe, str(out), round(time.time() - t0, 1)))
+            build_s = round(time.time() - t0, 1)
+        else:  # reused: the build's own wall time, as its card recorded it
+            card = json.loads((out / "latentaudit_recipe.json").read_text())
+            build_s = f"{card.get('wall_time_s', '?')} (card)"
+        models.append((recipe, str(out), build_s))
     for name, spec, build_s in models:
         row = {"model": name, "build_s": build_s}
         card = Path(spec) / "latentaudit_recipe.json"
