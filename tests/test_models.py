@@ -216,3 +216,27 @@ def test_embedded_load_then_cache_reuse(embedded_load, embedded_cache):
     x = torch.tensor([[1, 504, 3456, 28]])
     assert torch.equal(again.model(x).logits, lm.model(x).logits)
     assert lm.tokenizer.chat_template and "<|im_start|>" in format_prompt(lm.tokenizer, "hi")
+
+
+def test_dir_fingerprint_sees_every_byte(tmp_path, monkeypatch):
+    """A change past the first MiB of the weights (where a merged LoRA lands: the header and the
+    embedding that open model.safetensors stay the same) changes the fingerprint; equal folders
+    agree; the memo is keyed by mtime, so an in-place rewrite of the same size is seen."""
+    import os
+
+    from latentaudit.models.loader import dir_fingerprint
+
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    blob = bytearray(3 << 20)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "model.safetensors").write_bytes(bytes(blob))
+    assert dir_fingerprint(tmp_path / "a") == dir_fingerprint(tmp_path / "b")
+    blob[2 << 20] = 1
+    w = tmp_path / "b" / "model.safetensors"
+    st = w.stat()
+    w.write_bytes(bytes(blob))
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert dir_fingerprint(tmp_path / "a") != dir_fingerprint(tmp_path / "b")
+    assert dir_fingerprint(tmp_path / "b") == dir_fingerprint(tmp_path / "b")  # memo hit
