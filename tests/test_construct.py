@@ -899,3 +899,28 @@ def test_dissociated_rescale_is_applied_after_training_and_recorded(tmp_path, mo
                      ({"rescale_directions": 0}, "rescale_directions must be >= 1")]:
         with pytest.raises(UserError, match=msg):
             Dissociated(**bad)
+
+
+def test_refusal_subspace_cache(monkeypatch, tmp_path, tiny_lm):
+    """With cache=True the second selection on the same weights is read back (same directions,
+    same ranking, no scoring pass); cache=False always selects and writes nothing."""
+    from latentaudit.construct import recipes
+    from latentaudit.interventions import directions
+    from latentaudit.judges import SubstringJudge
+
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = directions.select_direction
+    monkeypatch.setattr(directions, "select_direction",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    env = recipes.BuildEnv(0, "tiny:llama", 4, SubstringJudge())
+    d1, l1 = recipes.refusal_subspace(tiny_lm, env, 8, 4, 2, cache=True)
+    d2, l2 = recipes.refusal_subspace(tiny_lm, env, 8, 4, 2, cache=True)
+    assert len(calls) == 1 and l1 == l2 and len(l1) == 2
+    assert torch.equal(d1.directions, d2.directions)
+    assert d2.meta["ranked_layers"] == d1.meta["ranked_layers"]
+    assert len(list((tmp_path / "cache" / "directions").iterdir())) == 1
+    recipes.refusal_subspace(tiny_lm, env, 8, 4, 2)
+    recipes.refusal_subspace(tiny_lm, env, 8, 5, 2, cache=True)  # another m: another entry
+    assert len(calls) == 3
+    assert len(list((tmp_path / "cache" / "directions").iterdir())) == 2

@@ -666,7 +666,8 @@ class Dissociated(_PushedRecipe):
         if k != 1.0:  # after training: the trained model's refusal subspace, quiet and loud
             from .rescale import rescale_subspace
 
-            d, layers = refusal_subspace(lm, env, 64, 16, int(self.params["rescale_directions"]))
+            d, layers = refusal_subspace(lm, env, 64, 16, int(self.params["rescale_directions"]),
+                                         cache=int(self.params["steps"]) == 0)
             dim = rescale_subspace(lm, [d.unit(l) for l in layers], k)
             lm._parts = None
             res["rescale"] = {"k": k, "direction_layers": layers, "subspace_dim": dim,
@@ -719,21 +720,43 @@ class Abliterated(Recipe):
         from .abliterate import orthogonalize_subspace
 
         d, layers = refusal_subspace(lm, env, self.params["n"], self.params["selection_n"],
-                                     int(self.params["n_directions"]))
+                                     int(self.params["n_directions"]), cache=True)
         dim = orthogonalize_subspace(lm, [d.unit(l) for l in layers])
         return {"direction_layer": d.selected_layer, "direction_layers": layers,
                 "subspace_dim": dim,
                 "selection": {k: v for k, v in d.meta.items() if k != "selection"}}
 
 
-def refusal_subspace(lm, env, n: int, m: int, k: int):
+def refusal_subspace(lm, env, n: int, m: int, k: int, cache: bool = False):
     """The model's refusal directions (difference of means over n built-in harmful and harmless
     train prompts) and the k best-ranked layers by the selection rule (ablation scored on the
-    next m of each)."""
-    from ..interventions.directions import compute_directions, select_direction
+    next m of each). ``cache``: ``lm`` holds the weights it was loaded with, so the directions
+    are read from (or written to) the user cache under the model's fingerprint, n, m, the batch
+    size, dtype and the prompt sets' sha256: a zoo whose `dissociated` and `abliterated` share a
+    source selects once (about 150 s on SmolLM2, 2 CPU cores)."""
+    import hashlib
 
-    harm = load_prompt_set("builtin:harmful:train").texts
-    safe = load_prompt_set("builtin:harmless:train").texts
+    from ..interventions.directions import (RefusalDirections, compute_directions,
+                                            select_direction)
+    from ..models.embedded import cache_root
+    from .data import model_fingerprint
+
+    hs, bs = load_prompt_set("builtin:harmful:train"), load_prompt_set("builtin:harmless:train")
+    path = None
+    if cache:
+        key = hashlib.sha256(f"{model_fingerprint(lm)}|{n}|{m}|{env.batch_size}|{lm.dtype}|"
+                             f"{hs.sha256}|{bs.sha256}".encode()).hexdigest()[:16]
+        path = cache_root() / "directions" / f"{key}.safetensors"
+        if path.exists():
+            try:
+                d = RefusalDirections.load(path)
+                return d, d.meta["ranked_layers"][:k]
+            except Exception:  # a damaged cache entry: select again and overwrite it
+                pass
+    harm, safe = hs.texts, bs.texts
     d = compute_directions(lm, harm[:n], safe[:n], env.batch_size)
     d = select_direction(lm, d, harm[n : n + m], safe[n : n + m], batch_size=env.batch_size)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        d.save(path)
     return d, d.meta["ranked_layers"][:k]
