@@ -64,8 +64,10 @@ def _reusable(folder: Path, recipe: str, params: dict, source: str) -> bool:
             and json.loads(json.dumps(want, default=str)) == json.loads(json.dumps(got, default=str)))
 
 
-def build_zoo(plan: DemoPlan, zoo: Path, seed: int, device: str, log=print) -> dict[str, str]:
+def build_zoo(plan: DemoPlan, zoo: Path, seed: int, device: str, log=print,
+              progress: str | None = None) -> dict[str, str]:
     from .construct.build import construct
+    from .progress import progress_factory
 
     out = {}
     for name, params in plan.recipes.items():
@@ -78,7 +80,8 @@ def build_zoo(plan: DemoPlan, zoo: Path, seed: int, device: str, log=print) -> d
             t0 = time.time()
             log(f"zoo/{name}: building from {source} ...")
             construct(name, source, folder, params=params, force=True, seed=seed, device=device,
-                      eval_limit=plan.build_eval_limit, eval_tokens=plan.build_eval_tokens)
+                      eval_limit=plan.build_eval_limit, eval_tokens=plan.build_eval_tokens,
+                      progress_factory=progress_factory(progress or "auto"))
             log(f"zoo/{name}: built in {time.time() - t0:.0f} s")
         out[name] = str(folder)
     return out
@@ -94,7 +97,7 @@ def run_demo(quick: bool, zoo: Path, output_dir: Path | None, seed: int, device:
     plan = plan or PLANS["quick" if quick else "full"]
     t0 = time.time()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    models = build_zoo(plan, zoo, seed, device, log)
+    models = build_zoo(plan, zoo, seed, device, log, progress)
     t_zoo = time.time() - t0
     n = limit or plan.limit
     acfg = AuditConfig.model_validate({
