@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import warnings
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,9 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # peft asks transformers 5 for a renamed attribute on every get_peft_model: noise in the logs
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)
 
 
 def model_key(lm: LoadedModel) -> str:
