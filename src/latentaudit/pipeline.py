@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import warnings
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
