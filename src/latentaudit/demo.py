@@ -43,7 +43,10 @@ PLANS = {
         stages=["behave", "latent", "tamper"]),
     "quick": DemoPlan(
         recipes={"safe": {}, "dissociated": {}, "hardened": {}, "abliterated": {}},
-        build_eval_limit=24, limit=12, layers="15", families=["pgd"], stages=["behave", "latent"]),
+        build_eval_limit=24, limit=12, layers="15", families=["pgd"], stages=["behave", "latent"],
+        # ε* to within a factor 1.5 instead of 1.25 (the zoo screens' setting): about a third
+        # fewer evaluations per prompt
+        latent_extra={"rel_tol": 0.5}),
 }
 SOURCES = {"safe": EMBEDDED, "dissociated": "safe", "hardened": "safe", "abliterated": "safe"}
 
