@@ -714,30 +714,43 @@ class Abliterated(Recipe):
     # `safe` default (contrast term, S 0.80) one direction (layer 24) already leaves S 0.05,
     # two or four 0.00, over-refusal 0.03 → 0.00 (same prompts). Post-instruction positions other
     # than the last (the template's "<|im_start|>assistant\n") scored no better as candidates
-    DEFAULT_PARAMS = {"n": 64, "selection_n": 16, "n_directions": 4}
+    # kl_max: the selection rule's guard on the harmless next-token KL of each candidate. At the
+    # `directions` stage's 0.1, the current `safe` (S 0.91) passes one layer only (6), whose
+    # ablation leaves its refusal intact (refusal score 0.90 against 0.89 unablated): the
+    # abliterated model refused 0.92 of 24 held-out prompts. Layers 16-28 take the score to -3
+    # to -4.7 at KL 0.19-0.50, so abliterated guards at 0.5 (measured below)
+    DEFAULT_PARAMS = {"n": 64, "selection_n": 16, "n_directions": 4, "kl_max": 0.5}
+
+    def validate(self, given=frozenset()):
+        super().validate(given)
+        if not float(self.params["kl_max"]) > 0:
+            raise UserError(f"kl_max must be > 0 (got {self.params['kl_max']})")
 
     def build(self, lm, env):
         from .abliterate import orthogonalize_subspace
 
         d, layers = refusal_subspace(lm, env, self.params["n"], self.params["selection_n"],
-                                     int(self.params["n_directions"]), cache=True)
+                                     int(self.params["n_directions"]), cache=True,
+                                     kl_max=float(self.params["kl_max"]))
         dim = orthogonalize_subspace(lm, [d.unit(l) for l in layers])
         return {"direction_layer": d.selected_layer, "direction_layers": layers,
                 "subspace_dim": dim,
                 "selection": {k: v for k, v in d.meta.items() if k != "selection"}}
 
 
-def refusal_subspace(lm, env, n: int, m: int, k: int, cache: bool = False):
+def refusal_subspace(lm, env, n: int, m: int, k: int, cache: bool = False,
+                     kl_max: float = 0.1):
     """The model's refusal directions (difference of means over n built-in harmful and harmless
     train prompts) and the k best-ranked layers by the selection rule (ablation scored on the
     next m of each). ``cache``: ``lm`` holds the weights it was loaded with, so the directions
     are read from (or written to) the user cache under the model's fingerprint, n, m, the batch
     size, dtype and the prompt sets' sha256: a zoo whose `dissociated` and `abliterated` share a
-    source selects once (about 150 s on SmolLM2, 2 CPU cores)."""
+    source scores the layers once (about 150 s on SmolLM2, 2 CPU cores); ``kl_max`` (the
+    selection rule's KL guard) only re-ranks the cached scores."""
     import hashlib
 
     from ..interventions.directions import (RefusalDirections, compute_directions,
-                                            select_direction)
+                                            rank_directions, select_direction)
     from ..models.embedded import cache_root
     from .data import model_fingerprint
 
@@ -749,13 +762,14 @@ def refusal_subspace(lm, env, n: int, m: int, k: int, cache: bool = False):
         path = cache_root() / "directions" / f"{key}.safetensors"
         if path.exists():
             try:
-                d = RefusalDirections.load(path)
+                d = rank_directions(RefusalDirections.load(path), kl_max)
                 return d, d.meta["ranked_layers"][:k]
             except Exception:  # a damaged cache entry: select again and overwrite it
                 pass
     harm, safe = hs.texts, bs.texts
     d = compute_directions(lm, harm[:n], safe[:n], env.batch_size)
-    d = select_direction(lm, d, harm[n : n + m], safe[n : n + m], batch_size=env.batch_size)
+    d = select_direction(lm, d, harm[n : n + m], safe[n : n + m], batch_size=env.batch_size,
+                         kl_max=kl_max)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         d.save(path)

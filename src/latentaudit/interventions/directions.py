@@ -148,13 +148,25 @@ def select_direction(lm, dirs: RefusalDirections, harmful_val: list[str], harmle
             lb = _next_token_logp(lm, harmless_val, batch_size, system)
         kl = (base_b.exp() * (base_b - lb)).sum(-1).mean().item()
         scores[layer] = {"refusal_score": s.mean().item(), "kl_harmless": kl}
+    dirs.meta.update(selection={str(k): v for k, v in scores.items()},
+                     baseline_refusal_score=base_h.mean().item(),
+                     n_harmful_val=len(harmful_val), n_harmless_val=len(harmless_val))
+    return rank_directions(dirs, kl_max, max_depth)
+
+
+def rank_directions(dirs: RefusalDirections, kl_max: float = 0.1,
+                    max_depth: float = 0.8) -> RefusalDirections:
+    """Rank the scored layers (``meta["selection"]``, from :func:`select_direction`) by the
+    selection rule — lowest refusal score among layers whose harmless KL is at most ``kl_max``
+    and that lie in the first ``max_depth`` of the model (every layer when none passes) — and
+    select the first. The scores do not depend on the guards, so one scoring pass serves any."""
+    scores = {int(k): v for k, v in dirs.meta["selection"].items()}
+    L = dirs.directions.shape[0]
+    layers = sorted(scores)
     ok = [l for l in layers if scores[l]["kl_harmless"] <= kl_max and l <= max_depth * L]
     pool = ok or layers
     ranked = sorted(pool, key=lambda l: scores[l]["refusal_score"])
-    chosen = ranked[0]
-    dirs.meta.update(selection={str(k): v for k, v in scores.items()}, ranked_layers=ranked,
-                     baseline_refusal_score=base_h.mean().item(), selected_layer=chosen,
+    dirs.meta.update(ranked_layers=ranked, selected_layer=ranked[0],
                      selection_rule=f"min refusal score s.t. KL <= {kl_max}, layer <= {max_depth}*L"
-                     + ("" if ok else " (no layer passed the guards: unconstrained)"),
-                     n_harmful_val=len(harmful_val), n_harmless_val=len(harmless_val))
+                     + ("" if ok else " (no layer passed the guards: unconstrained)"))
     return dirs
