@@ -718,7 +718,9 @@ class Abliterated(Recipe):
     # `directions` stage's 0.1, the current `safe` (S 0.91) passes one layer only (6), whose
     # ablation leaves its refusal intact (refusal score 0.90 against 0.89 unablated): the
     # abliterated model refused 0.92 of 24 held-out prompts. Layers 16-28 take the score to -3
-    # to -4.7 at KL 0.19-0.50, so abliterated guards at 0.5 (measured below)
+    # to -4.7 at KL 0.19-0.50, so abliterated guards at 0.5: layers 24, 22, 16, 23 projected
+    # out, S 0.00 (90 held-out harmful prompts), over-refusal 0.00 (193), 144 s with the
+    # layer scores cached
     DEFAULT_PARAMS = {"n": 64, "selection_n": 16, "n_directions": 4, "kl_max": 0.5}
 
     def validate(self, given=frozenset()):
