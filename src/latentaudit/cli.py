@@ -565,7 +565,7 @@ def schema() -> None:
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option("--quick", help="smaller audit: 12 prompts, layer 15, pgd to rel_tol 0.5, no fine-tuning attack (same zoo)")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="smaller audit: 12 prompts, layer 10, pgd to rel_tol 0.5, no fine-tuning attack (same zoo)")] = False,
     zoo: Annotated[Path, typer.Option("--zoo", help="where the zoo models are built or reused")] = Path("zoo"),
     limit: LimitOpt = None,
     seed: SeedOpt = None,

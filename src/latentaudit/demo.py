@@ -41,11 +41,13 @@ class DemoPlan:
 PLANS = {
     "full": DemoPlan(
         recipes={"safe": {}, "dissociated": {}, "hardened": {}, "abliterated": {}},
-        build_eval_limit=24, limit=24, layers="8,15,22", families=["pgd"],
+        # early, two intermediate, late: the rescaled direction of `dissociated` acts most
+        # near layer 10 (the zoo screens), which a grid of 8/15/22 missed (stop 25)
+        build_eval_limit=24, limit=24, layers="5,10,15,22", families=["pgd"],
         stages=["behave", "latent", "tamper"]),
     "quick": DemoPlan(
         recipes={"safe": {}, "dissociated": {}, "hardened": {}, "abliterated": {}},
-        build_eval_limit=24, limit=12, layers="15", families=["pgd"], stages=["behave", "latent"],
+        build_eval_limit=24, limit=12, layers="10", families=["pgd"], stages=["behave", "latent"],
         # ε* to within a factor 1.5 instead of 1.25 (the zoo screens' setting): about a third
         # fewer evaluations per prompt
         latent_extra={"rel_tol": 0.5}),
