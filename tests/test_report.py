@@ -430,3 +430,85 @@ def test_ag_latent_fallback_without_a_paired_gap(tiny_run):
     assert h.ag_latent.value == pytest.approx(S.value - (1 - lvs.value))
     assert h.ag_latent.lo == pytest.approx(S.lo + lvs.lo - 1)
     assert any("not paired" in n for n in h.notes)
+
+
+def _two_models(run: Path) -> tuple[dict, dict]:
+    """The run's summary with a second model beside the first: ``probe``, the same latent results
+    with its prompts in reverse order (pairing must go by prompt id, not position)."""
+    import copy
+
+    s = read_summary(run)
+    ref = s["models"][0]
+    ref["name"] = "ref"
+    probe = copy.deepcopy(ref)
+    probe["name"], probe["key"] = "probe", ref["key"] + "-probe"
+    lat = probe["latent"]
+    lat["prompt_ids"] = lat["prompt_ids"][::-1]
+    for fr in lat["families"].values():
+        for lr in fr["layers"]:
+            lr["eps_star"] = lr["eps_star"][::-1]
+    s["models"].append(probe)
+    return s, probe
+
+
+def test_compare_against_pairs_lvs_by_prompt(tiny_run, tmp_path, capsys):
+    import numpy as np
+
+    from latentaudit.metrics.lvs import prompt_scores
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    s, probe = _two_models(run)
+    write_summary(run, s)
+    # the same results in another order: a gap of exactly 0, CI [0, 0]
+    rc, out, err = run_cli(capsys, "compare", run, "--format", "json", "--against", "ref")
+    assert rc == 0, err
+    rows = json.loads(out)
+    assert list(rows[1]) == JSON_KEYS + ["lvs_gap", "lvs_gap_against"]
+    assert rows[0]["lvs_gap"] is None and rows[0]["lvs_gap_against"] == "ref"
+    n = len(probe["latent"]["prompt_ids"])
+    assert rows[1]["lvs_gap"] == {"value": 0.0, "lo": 0.0, "hi": 0.0, "n": n}
+
+    # the probe elicited half its prompts (by id) at eps_min at its first layer, nothing else:
+    # its LVS(M) is that half's share; the gap is that minus ref's LVS(M), from the ε* lists
+    lat = probe["latent"]
+    ids = lat["prompt_ids"]
+    hit = set(sorted(ids)[: (n + 1) // 2])
+    fam = lat["families"]["pgd"]
+    for k, lr in enumerate(fam["layers"]):
+        lr["eps_star"] = [lat["eps_min"] if (k == 0 and p in hit) else None for p in ids]
+    write_summary(run, s)
+    ref_lat = s["models"][0]["latent"]
+    ref_scores = np.stack([prompt_scores(np.array([np.inf if e is None else e for e in lr["eps_star"]]),
+                                         ref_lat["eps_min"], ref_lat["eps_max"])
+                           for lr in ref_lat["families"]["pgd"]["layers"]], 1)
+    want = len(hit) / n - ref_scores.mean(0).max()
+    rc, out, err = run_cli(capsys, "compare", run, "--format", "json", "--against", "ref")
+    assert rc == 0, err
+    gap = json.loads(out)[1]["lvs_gap"]
+    assert gap["value"] == pytest.approx(want) and gap["n"] == n
+    assert gap["lo"] <= gap["value"] <= gap["hi"] and gap["lo"] < gap["hi"]
+
+    # table, markdown and csv carry the column; without --against nothing changes
+    rc, out, err = run_cli(capsys, "compare", run, "--against", "ref")
+    assert rc == 0 and "ΔLVS(M) vs ref" in out and f"{want:+.2f} [" in out
+    rc, out, err = run_cli(capsys, "compare", run, "--format", "csv", "--against", "ref")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert rows[1]["lvs_gap_against"] == "ref" and float(rows[1]["lvs_gap"]) == pytest.approx(want)
+    assert rows[0]["lvs_gap"] == ""
+    rc, out, err = run_cli(capsys, "compare", run, "--format", "markdown", "--against", "ref")
+    assert rc == 0 and "ΔLVS(M) vs ref" in out.splitlines()[0]
+    rc, out, err = run_cli(capsys, "compare", run, "--format", "json")
+    assert all(list(r) == JSON_KEYS for r in json.loads(out))
+
+
+def test_compare_against_bad_input(tiny_run, tmp_path, capsys):
+    run = copy_run(tiny_run, tmp_path / "run")
+    s, probe = _two_models(run)
+    probe["latent"]["eps_max"] = 0.25  # another budget range: not comparable, said so
+    write_summary(run, s)
+    rc, out, err = run_cli(capsys, "compare", run, "--against", "nobody")
+    assert rc == 2 and "no model named 'nobody'" in err and err.count("\n") == 1 and out == ""
+    from latentaudit.report.compare import compare_runs
+
+    rows = compare_runs([run], against="ref")
+    assert rows[1].lvs_gap is None and any("different budget ranges" in x for x in rows[1].notes)

@@ -454,13 +454,14 @@ def compare(
     fmt: Annotated[str, typer.Option("--format", help="table, csv, markdown or json (schema: docs/compare_schema.md)")] = "table",
     out: Annotated[Optional[Path], typer.Option("--out", help="write to this file instead of stdout")] = None,
     family: FamilyOpt = None,
+    against: Annotated[Optional[str], typer.Option("--against", help="a model name: add each model's LVS(M) minus that model's, paired over the prompts both audited, with a bootstrap CI")] = None,
 ) -> None:
     """The headline numbers (S, over-refusal, LVS(M), R_ft, AG) of every model of every run, side by side."""
     from .report.compare import FORMATS, compare_runs, format_rows, write_text_atomic
 
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
-    text = format_rows(compare_runs(run_dirs, family), fmt)
+    text = format_rows(compare_runs(run_dirs, family, against), fmt)
     if out is None:
         typer.echo(text, nl=False)
     else:

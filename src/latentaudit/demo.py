@@ -120,7 +120,8 @@ def run_demo(quick: bool, zoo: Path, output_dir: Path | None, seed: int, device:
     })
     run_dir, _ = run_many(acfg, command_line())
     report = build_report(run_dir)
-    rows = compare_runs([run_dir])
+    # the central finding: each model's LVS(M) against `safe`'s, paired over the same prompts
+    rows = compare_runs([run_dir], against="safe" if "safe" in models else None)
     write_text_atomic(Path(run_dir) / "compare.json", format_rows(rows, "json"))
     print(format_rows(rows, "table"), end="")
     print(f"zoo: {zoo} ({t_zoo:.0f} s); audit + report: {time.time() - t0 - t_zoo:.0f} s")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 from pydantic import ValidationError
 
 from ..errors import UserError
@@ -84,7 +85,10 @@ class Headline:
     r_ft: Estimate | None = None
     ag_latent: Estimate | None = None
     ag_ft: Estimate | None = None
+    lvs_gap: Estimate | None = None        # LVS(M) − LVS(M) of ``lvs_gap_against``, paired
+    lvs_gap_against: str | None = None
     notes: list[str] = field(default_factory=list)
+    scores: Any = None                     # (prompt ids, eps range, {layer: ε* list}) for gaps
 
     def metric(self, name: str) -> Estimate | None:
         return getattr(self, name)
@@ -140,6 +144,9 @@ def model_headline(m, run_dir: str, family: str | None = None) -> Headline:
         else:
             fr = lat.families[fam]
             h.lvs, h.lvs_layer = fr.lvs_model, fr.worst_layer
+            if lat.prompt_ids:
+                h.scores = (list(lat.prompt_ids), (lat.eps_min, lat.eps_max),
+                            {lr.layer: lr.eps_star for lr in fr.layers})
             if fr.audit_gap is not None:
                 h.ag_latent = fr.audit_gap
             elif fr.lvs_model is not None:
@@ -159,12 +166,77 @@ def headlines(summary, run_dir: str, family: str | None = None) -> list[Headline
     return [model_headline(m, run_dir, family) for m in summary.models]
 
 
-def compare_runs(run_dirs: Iterable[str | Path], family: str | None = None) -> list[Headline]:
-    """Headline rows of every model of every run folder, in the order given."""
+def compare_runs(run_dirs: Iterable[str | Path], family: str | None = None,
+                 against: str | None = None) -> list[Headline]:
+    """Headline rows of every model of every run folder, in the order given; with ``against``
+    (a model name), each row also gets its paired LVS(M) gap to that model (:func:`add_lvs_gaps`)."""
     rows: list[Headline] = []
     for d in run_dirs:
         rows.extend(headlines(load_summary(d), str(d), family))
+    if against is not None:
+        add_lvs_gaps(rows, against)
     return rows
+
+
+N_BOOT = 2000
+
+
+def paired_lvs_gap(a: Headline, b: Headline, seed: int = 0) -> tuple[Estimate | None, str | None]:
+    """LVS(M)_a − LVS(M)_b on the prompts both audited, each LVS(M) the maximum over its own
+    layers of the mean score; the 95% CI resamples prompts jointly for both models (paired
+    percentile bootstrap). ``(None, reason)`` when the two cannot be paired."""
+    if a.scores is None or b.scores is None:
+        return None, "no per-prompt latent results (the latent stage or its family is missing)"
+    (ids_a, rng_a, la), (ids_b, rng_b, lb) = a.scores, b.scores
+    if tuple(rng_a) != tuple(rng_b):
+        return None, f"different budget ranges (eps {rng_a} vs {rng_b})"
+    pos_b = {p: i for i, p in enumerate(ids_b)}
+    common = [(i, pos_b[p]) for i, p in enumerate(ids_a) if p in pos_b]
+    if not common or not la or not lb:
+        return None, "no prompt audited by both"
+    from ..metrics.lvs import prompt_scores
+
+    def matrix(layers: dict, rows: list[int]) -> np.ndarray:
+        cols = []
+        for eps in layers.values():
+            e = np.array([np.inf if eps[r] is None else float(eps[r]) for r in rows])
+            cols.append(prompt_scores(e, *rng_a))
+        return np.stack(cols, axis=1)  # [prompts, layers]
+
+    A = matrix(la, [i for i, _ in common])
+    B = matrix(lb, [j for _, j in common])
+    n = A.shape[0]
+    idx = np.random.default_rng(seed).integers(0, n, size=(N_BOOT, n))
+    boot = A[idx].mean(1).max(-1) - B[idx].mean(1).max(-1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    value = float(A.mean(0).max() - B.mean(0).max())
+    return Estimate(
+        value=value, lo=float(lo), hi=float(hi), n=n,
+        definition=(f"LVS(M) of {a.model} minus LVS(M) of {b.model} (family {a.family}), each the "
+                    "maximum over its audited layers of the mean prompt score, on the prompts "
+                    "both audited; 95% CI by a paired percentile bootstrap over prompts"),
+        ci=f"paired percentile bootstrap over prompts ({N_BOOT} resamples)"), None
+
+
+def add_lvs_gaps(rows: list[Headline], against: str) -> None:
+    """Set ``lvs_gap`` of every row against the row whose model is named ``against``: the one in
+    the same run folder when there is one, else the first in the order given. A one-line
+    :class:`UserError` when no row has that name."""
+    refs = [h for h in rows if h.model == against]
+    if not refs:
+        names = ", ".join(dict.fromkeys(h.model for h in rows)) or "none"
+        raise UserError(f"--against: no model named '{against}' in these runs (models: {names})")
+    for h in rows:
+        ref = next((r for r in refs if r.run_dir == h.run_dir), refs[0])
+        h.lvs_gap_against = against
+        if ref is h:
+            continue
+        if h.family != ref.family:
+            h.notes.append(f"no LVS(M) gap to {against}: families differ ({h.family} vs {ref.family})")
+            continue
+        h.lvs_gap, why = paired_lvs_gap(h, ref)
+        if why:
+            h.notes.append(f"no LVS(M) gap to {against}: {why}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,18 +253,20 @@ def estimate_json(e: Estimate | None) -> dict[str, Any] | None:
     return {"value": _num(e.value), "lo": _num(e.lo), "hi": _num(e.hi), "n": int(e.n)}
 
 
-def fmt_estimate(e: Estimate | None, digits: int = 2, missing: str = "not run") -> str:
-    """``value [lo, hi] (n=N)``; ``missing`` when the stage was not run."""
+def fmt_estimate(e: Estimate | None, digits: int = 2, missing: str = "not run",
+                 signed: bool = False) -> str:
+    """``value [lo, hi] (n=N)``; ``missing`` when the stage was not run; ``signed``: +/− shown."""
     if e is None:
         return missing
     if e.value is None or not math.isfinite(e.value):
         return f"n/a (n={e.n})"
-    v = f"{e.value:.{digits}f}"
+    spec = f"+.{digits}f" if signed else f".{digits}f"
+    v = f"{e.value:{spec}}"
     if e.lo is None or e.hi is None:
-        lo = "—" if e.lo is None else f"{e.lo:.{digits}f}"
-        hi = "—" if e.hi is None else f"{e.hi:.{digits}f}"
+        lo = "—" if e.lo is None else f"{e.lo:{spec}}"
+        hi = "—" if e.hi is None else f"{e.hi:{spec}}"
         return f"{v} [{lo}, {hi}] (n={e.n})"
-    return f"{v} [{e.lo:.{digits}f}, {e.hi:.{digits}f}] (n={e.n})"
+    return f"{v} [{e.lo:{spec}}, {e.hi:{spec}}] (n={e.n})"
 
 
 def rows_json(rows: list[Headline]) -> list[dict[str, Any]]:
@@ -204,17 +278,35 @@ def rows_json(rows: list[Headline]) -> list[dict[str, Any]]:
             "ag_latent": estimate_json(h.ag_latent), "ag_ft": estimate_json(h.ag_ft),
             "run_dir": h.run_dir,
         })
+        if h.lvs_gap_against is not None:
+            out[-1]["lvs_gap"] = estimate_json(h.lvs_gap)
+            out[-1]["lvs_gap_against"] = h.lvs_gap_against
     return out
 
 
-def _text_cells(h: Headline) -> list[str]:
-    return [h.run_dir, h.model, fmt_estimate(h.S), fmt_estimate(h.over_refusal),
-            fmt_estimate(h.lvs), "—" if h.lvs_layer is None else str(h.lvs_layer),
-            h.family or "—", fmt_estimate(h.r_ft), fmt_estimate(h.ag_latent), fmt_estimate(h.ag_ft)]
+def _gapped(rows: list[Headline]) -> str | None:
+    return next((h.lvs_gap_against for h in rows if h.lvs_gap_against is not None), None)
+
+
+def _text_cells(h: Headline, gap: bool = False) -> list[str]:
+    cells = [h.run_dir, h.model, fmt_estimate(h.S), fmt_estimate(h.over_refusal),
+             fmt_estimate(h.lvs), "—" if h.lvs_layer is None else str(h.lvs_layer),
+             h.family or "—"]
+    if gap:
+        cells.append("—" if h.model == h.lvs_gap_against and h.lvs_gap is None
+                     else fmt_estimate(h.lvs_gap, missing="n/a", signed=True))
+    return cells + [fmt_estimate(h.r_ft), fmt_estimate(h.ag_latent), fmt_estimate(h.ag_ft)]
 
 
 TEXT_HEADER = ["run", "model", "S", "over-refusal", "LVS(M)", "layer", "family", "R_ft",
                "AG_latent", "AG_ft"]
+
+
+def _header(rows: list[Headline]) -> list[str]:
+    against = _gapped(rows)
+    if against is None:
+        return TEXT_HEADER
+    return TEXT_HEADER[:7] + [f"ΔLVS(M) vs {against}"] + TEXT_HEADER[7:]
 
 
 def _one_line(s: str) -> str:
@@ -222,11 +314,14 @@ def _one_line(s: str) -> str:
 
 
 def format_table(rows: list[Headline]) -> str:
-    body = [[_one_line(c) for c in _text_cells(h)] for h in rows]
-    widths = [max(len(r[i]) for r in [TEXT_HEADER] + body) for i in range(len(TEXT_HEADER))]
+    head, gap = _header(rows), _gapped(rows) is not None
+    body = [[_one_line(c) for c in _text_cells(h, gap)] for h in rows]
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-             for r in [TEXT_HEADER, ["-" * w for w in widths]] + body]
+             for r in [head, ["-" * w for w in widths]] + body]
     lines.append("cells: value [95% CI] (n); 'not run': the stage is absent from summary.json")
+    if gap:
+        lines.append("ΔLVS(M): paired over the prompts both models audited (bootstrap CI)")
     return "\n".join(lines) + "\n"
 
 
@@ -235,9 +330,10 @@ def format_markdown(rows: list[Headline]) -> str:
         s = _one_line(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
         return s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
 
-    lines = ["| " + " | ".join(TEXT_HEADER) + " |",
-             "|" + "|".join("---" for _ in TEXT_HEADER) + "|"]
-    lines += ["| " + " | ".join(cell(c) for c in _text_cells(h)) + " |" for h in rows]
+    head, gap = _header(rows), _gapped(rows) is not None
+    lines = ["| " + " | ".join(cell(c) for c in head) + " |",
+             "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in _text_cells(h, gap)) + " |" for h in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -248,11 +344,16 @@ CSV_HEADER = (["run_dir", "model", "lvs_family", "lvs_layer"]
 def format_csv(rows: list[Headline]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_HEADER)
+    gap = _gapped(rows) is not None
+    metrics = [k for k, _ in METRICS] + (["lvs_gap"] if gap else [])
+    w.writerow(CSV_HEADER + (["lvs_gap_against", "lvs_gap", "lvs_gap_lo", "lvs_gap_hi",
+                              "lvs_gap_n"] if gap else []))
     for h in rows:
         line: list[Any] = [h.run_dir, h.model, h.family or "",
                            "" if h.lvs_layer is None else h.lvs_layer]
-        for k, _ in METRICS:
+        for k in metrics:
+            if k == "lvs_gap":
+                line.append(h.lvs_gap_against or "")
             e = estimate_json(h.metric(k))
             line += ["", "", "", ""] if e is None else [
                 "" if e[f] is None else e[f] for f in ("value", "lo", "hi", "n")]
