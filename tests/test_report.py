@@ -499,6 +499,13 @@ def test_compare_against_pairs_lvs_by_prompt(tiny_run, tmp_path, capsys):
     assert rc == 0 and "ΔLVS(M) vs ref" in out.splitlines()[0]
     rc, out, err = run_cli(capsys, "compare", run, "--format", "json")
     assert all(list(r) == JSON_KEYS for r in json.loads(out))
+    # the report shows the same column
+    rc, out, err = run_cli(capsys, "report", run, "--against", "ref", "--out", tmp_path / "r.html")
+    assert rc == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert "ΔLVS(M) vs ref" in page and f">{want:.2f}<" in page.replace("</span>", "<")
+    rc, out, err = run_cli(capsys, "report", run, "--out", tmp_path / "plain.html")
+    assert "ΔLVS(M)" not in (tmp_path / "plain.html").read_text()
 
 
 def test_compare_against_bad_input(tiny_run, tmp_path, capsys):

@@ -440,11 +440,12 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="a run folder (summary.json, store.sqlite)")],
     out: Annotated[Optional[Path], typer.Option("--out", help="HTML file to write [default: RUN_DIR/report.html]")] = None,
     family: FamilyOpt = None,
+    against: Annotated[Optional[str], typer.Option("--against", help="a model name: add a column of each model's LVS(M) minus that model's, paired over prompts, with a bootstrap CI")] = None,
 ) -> None:
     """One self-contained HTML report (tables, plots, sample transcripts) rebuilt from a run folder; loads no model."""
     from .report.html import build_report
 
-    path = build_report(run_dir, out, family)
+    path = build_report(run_dir, out, family, against)
     typer.echo(f"report -> {path}")
 
 

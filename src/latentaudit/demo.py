@@ -119,9 +119,10 @@ def run_demo(quick: bool, zoo: Path, output_dir: Path | None, seed: int, device:
         "tamper": {"steps": plan.tamper_steps, "eval_limit": n, **plan.tamper_extra},
     })
     run_dir, _ = run_many(acfg, command_line())
-    report = build_report(run_dir)
     # the central finding: each model's LVS(M) against `safe`'s, paired over the same prompts
-    rows = compare_runs([run_dir], against="safe" if "safe" in models else None)
+    against = "safe" if "safe" in models else None
+    report = build_report(run_dir, against=against)
+    rows = compare_runs([run_dir], against=against)
     write_text_atomic(Path(run_dir) / "compare.json", format_rows(rows, "json"))
     print(format_rows(rows, "table"), end="")
     print(f"zoo: {zoo} ({t_zoo:.0f} s); audit + report: {time.time() - t0 - t_zoo:.0f} s")

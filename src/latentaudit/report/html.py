@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..metrics.stats import Estimate
-from .compare import Headline, fmt_estimate, headlines, load_summary, pick_family, write_text_atomic
+from .compare import Headline, add_lvs_gaps, fmt_estimate, headlines, load_summary, pick_family, write_text_atomic
 
 TEMPLATE = "report.html.j2"
 MAX_TRANSCRIPTS = 5
@@ -580,13 +580,17 @@ def _stale_stages(store: StoreReader | None, m) -> list[str]:
     return out
 
 
-def render_report(run_dir: str | Path, family: str | None = None) -> str:
-    """The report's HTML for a run folder (reads only)."""
+def render_report(run_dir: str | Path, family: str | None = None,
+                  against: str | None = None) -> str:
+    """The report's HTML for a run folder (reads only); ``against``: a model name whose LVS(M)
+    every other model's is compared with, paired over prompts (a column of the headline)."""
     from markupsafe import Markup
 
     run_dir = Path(run_dir)
     summary = load_summary(run_dir)
     heads = headlines(summary, str(run_dir), family)
+    if against is not None:
+        add_lvs_gaps(heads, against)
     if family and all(h.family is None for h in heads) and any(m.latent for m in summary.models):
         raise UserError(f"family '{family}' was not run in {run_dir} (run: "
                         + ", ".join(sorted({f for m in summary.models if m.latent
@@ -630,16 +634,16 @@ def render_report(run_dir: str | Path, family: str | None = None) -> str:
     prov = summary.provenance
     return _env().get_template(TEMPLATE).render(
         summary=summary, run_dir=str(run_dir), heads=heads, models=models, scatter=scatter,
-        notes=notes, stages=stages, prov=prov, family=family,
+        notes=notes, stages=stages, prov=prov, family=family, against=against,
         generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         csp=_csp(), page_script=Markup(PAGE_SCRIPT),  # our own constant, never model text
     )
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None,
-                 family: str | None = None) -> Path:
+                 family: str | None = None, against: str | None = None) -> Path:
     """Render the report of ``run_dir`` and write it atomically (default ``RUN_DIR/report.html``)."""
-    html = render_report(run_dir, family)
+    html = render_report(run_dir, family, against)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
     write_text_atomic(path, html)
     return path
