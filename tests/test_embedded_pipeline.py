@@ -93,4 +93,8 @@ def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys):
     for r in rows:
         for k in ("S", "lvs", "r_ft", "ag_latent", "ag_ft"):
             assert r[k] is not None and r[k]["n"] == 2, (r["model"], k)
+        # the central comparison: each model's LVS(M) against safe's, paired over prompts
+        assert r["lvs_gap_against"] == "safe"
+        assert (r["lvs_gap"] is None) == (r["model"] == "safe"), r
     assert (run_dir / "report.html").exists() and "dissociated" in err.out
+    assert "ΔLVS(M) vs safe" in err.out and "ΔLVS(M) vs safe" in (run_dir / "report.html").read_text()
