@@ -42,8 +42,8 @@ PLANS = {
     "full": DemoPlan(
         recipes={"safe": {}, "dissociated": {}, "hardened": {}, "abliterated": {}},
         # the rescaled direction of `dissociated` acts most near layer 10 (the zoo screens),
-        # which a grid of 8/15/22 missed (stop 25); a 4th layer (5) costs ≈ +10 min per refusing
-        # model on 2 cores (a search from layer 5 back-propagates through 25 blocks)
+        # which a grid of 8/15/22 missed (stop 25); a 4th, shallower layer would be the grid's
+        # dearest search (PGD from layer 5 back-propagates through 25 blocks)
         build_eval_limit=24, limit=24, layers="10,15,22", families=["pgd"],
         stages=["behave", "latent", "tamper"]),
     "quick": DemoPlan(
