@@ -97,4 +97,4 @@ def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys):
         assert r["lvs_gap_against"] == "safe"
         assert (r["lvs_gap"] is None) == (r["model"] == "safe"), r
     assert (run_dir / "report.html").exists() and "dissociated" in err.out
-    assert "ΔLVS(M) vs safe" in err.out and "ΔLVS(M) vs safe" in (run_dir / "report.html").read_text()
+    assert "ΔLVS(M) vs safe" in err.out and "ΔLVS(M) vs safe" in (run_dir / "report.html").read_text(encoding="utf-8")

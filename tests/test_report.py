@@ -502,10 +502,10 @@ def test_compare_against_pairs_lvs_by_prompt(tiny_run, tmp_path, capsys):
     # the report shows the same column
     rc, out, err = run_cli(capsys, "report", run, "--against", "ref", "--out", tmp_path / "r.html")
     assert rc == 0, err
-    page = (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert "ΔLVS(M) vs ref" in page and f">{want:.2f}<" in page.replace("</span>", "<")
     rc, out, err = run_cli(capsys, "report", run, "--out", tmp_path / "plain.html")
-    assert "ΔLVS(M)" not in (tmp_path / "plain.html").read_text()
+    assert "ΔLVS(M)" not in (tmp_path / "plain.html").read_text(encoding="utf-8")
 
 
 def test_compare_against_bad_input(tiny_run, tmp_path, capsys):
