@@ -519,3 +519,8 @@ def test_compare_against_bad_input(tiny_run, tmp_path, capsys):
 
     rows = compare_runs([run], against="ref")
     assert rows[1].lvs_gap is None and any("different budget ranges" in x for x in rows[1].notes)
+    probe["latent"]["eps_max"] = s["models"][0]["latent"]["eps_max"]
+    probe["latent"]["harmful"]["name"] = "mine.csv"  # same ids, another set: not paired
+    write_summary(run, s)
+    rows = compare_runs([run], against="ref")
+    assert rows[1].lvs_gap is None and any("different harmful prompt sets" in x for x in rows[1].notes)

@@ -146,7 +146,8 @@ def model_headline(m, run_dir: str, family: str | None = None) -> Headline:
             h.lvs, h.lvs_layer = fr.lvs_model, fr.worst_layer
             if lat.prompt_ids:
                 h.scores = (list(lat.prompt_ids), (lat.eps_min, lat.eps_max),
-                            {lr.layer: lr.eps_star for lr in fr.layers})
+                            {lr.layer: lr.eps_star for lr in fr.layers},
+                            (lat.harmful.get("name"), lat.harmful.get("source")))
             if fr.audit_gap is not None:
                 h.ag_latent = fr.audit_gap
             elif fr.lvs_model is not None:
@@ -187,7 +188,9 @@ def paired_lvs_gap(a: Headline, b: Headline, seed: int = 0) -> tuple[Estimate | 
     percentile bootstrap). ``(None, reason)`` when the two cannot be paired."""
     if a.scores is None or b.scores is None:
         return None, "no per-prompt latent results (the latent stage or its family is missing)"
-    (ids_a, rng_a, la), (ids_b, rng_b, lb) = a.scores, b.scores
+    (ids_a, rng_a, la, set_a), (ids_b, rng_b, lb, set_b) = a.scores, b.scores
+    if set_a != set_b:  # prompt ids are only comparable within one prompt set
+        return None, f"different harmful prompt sets ({set_a[0]} vs {set_b[0]})"
     if tuple(rng_a) != tuple(rng_b):
         return None, f"different budget ranges (eps {rng_a} vs {rng_b})"
     pos_b = {p: i for i, p in enumerate(ids_b)}
