@@ -234,7 +234,7 @@ def add_lvs_gaps(rows: list[Headline], against: str) -> None:
         h.lvs_gap_against = against
         if ref is h:
             continue
-        if h.family != ref.family:
+        if None not in (h.family, ref.family) and h.family != ref.family:
             h.notes.append(f"no LVS(M) gap to {against}: families differ ({h.family} vs {ref.family})")
             continue
         h.lvs_gap, why = paired_lvs_gap(h, ref)
