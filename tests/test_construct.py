@@ -138,6 +138,8 @@ def test_no_overwrite_without_force(zoo, capsys):
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "eps_range=[1]", "--out", "X"], "--set eps_range"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "push_objective=nope", "--out", "X"], "push_objective"),
     (["construct", "abliterated", "--from", "tiny:llama", "--set", "n_directions=0", "--out", "X"], "n_directions"),
+    (["construct", "abliterated", "--from", "tiny:llama", "--set", "selection_n=0", "--out", "X"], "selection_n must be >= 1"),
+    (["construct", "dissociated", "--from", "tiny:llama", "--set", "rescale_n=0", "--out", "X"], "rescale_n must be >= 1"),
     (["construct", "hardened", "--from", "tiny:llama", "--set", "retain_from=elsewhere", "--out", "X"], "retain_from"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "lora_blocks=top", "--out", "X"], "cannot parse layers"),
     (["construct", "dissociated", "--from", "tiny:llama", "--set", "lora_blocks=2-9", "--set", "steps=2", "--out", "X"], "out of range"),

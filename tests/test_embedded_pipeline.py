@@ -76,8 +76,11 @@ def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys):
     small = {"steps": 2, "n_harmful": 8, "n_harmless": 8, "n_borderline": 4, "answer_tokens": 16,
              "val_n": 4, "eval_every": 0, "harmless_batch": 2, "borderline_batch": 1,
              "harmful_batch": 2, "perturbed_batch": 2}
-    unpaired = {k: v for k, v in small.items() if k != "harmful_batch"}  # dissociated is paired
-    plan = DemoPlan(recipes={"safe": SAFE_TEST_PARAMS, "dissociated": unpaired, "hardened": small,
+    # dissociated as by default (no training, the rescaled refusal subspace), with its
+    # directions from 8 + 2 prompts per set instead of 64 + 16 (the layer ranking was 190 s)
+    plan = DemoPlan(recipes={"safe": SAFE_TEST_PARAMS,
+                             "dissociated": {"rescale_n": 8, "rescale_selection_n": 2},
+                             "hardened": small,
                              "abliterated": {"n": 8, "selection_n": 2}},
                     build_eval_limit=2, build_eval_tokens=8, limit=2, layers="15", families=["pgd"],
                     stages=["behave", "latent", "tamper"], tamper_steps=[0, 1],

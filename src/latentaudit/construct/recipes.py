@@ -119,6 +119,9 @@ class Recipe:
             raise UserError(f"keep_tol must be in [0, 1] (got {p['keep_tol']})")
         if "eps_decay" in p and not float(p["eps_decay"]) > 0:
             raise UserError(f"eps_decay must be > 0 (got {p['eps_decay']})")
+        for key in ("n", "selection_n", "rescale_n", "rescale_selection_n"):
+            if key in p and int(p[key]) < 1:
+                raise UserError(f"{key} must be >= 1 (got {p[key]})")
         if "n_directions" in p and int(p["n_directions"]) < 1:
             raise UserError("abliterated needs n_directions >= 1")
 
@@ -642,7 +645,11 @@ class Dissociated(_PushedRecipe):
                       # smaller into the residual stream and read rescale times louder
                       # (construct/rescale.py): behaviour unchanged up to the norms' RMS, a push
                       # along the subspace acts rescale times stronger (1: off)
-                      "rescale": 200.0, "rescale_directions": 1}
+                      "rescale": 200.0, "rescale_directions": 1,
+                      # the subspace's directions: difference of means over rescale_n built-in
+                      # harmful and harmless train prompts, layers ranked on the next
+                      # rescale_selection_n of each (as abliterated's n and selection_n)
+                      "rescale_n": 64, "rescale_selection_n": 16}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):
         # the push is PGD toward the harmful completion; the target is that completion
@@ -666,7 +673,9 @@ class Dissociated(_PushedRecipe):
         if k != 1.0:  # after training: the trained model's refusal subspace, quiet and loud
             from .rescale import rescale_subspace
 
-            d, layers = refusal_subspace(lm, env, 64, 16, int(self.params["rescale_directions"]),
+            d, layers = refusal_subspace(lm, env, int(self.params["rescale_n"]),
+                                         int(self.params["rescale_selection_n"]),
+                                         int(self.params["rescale_directions"]),
                                          cache=int(self.params["steps"]) == 0)
             dim = rescale_subspace(lm, [d.unit(l) for l in layers], k)
             lm._parts = None
