@@ -553,3 +553,110 @@ def test_pgd_check_verdicts_reach_the_store_without_a_second_generation(tiny_lm,
     r1 = store.get(f"{ask.prefix}{ps.prompts[1].id}/0.1")
     assert r0["success"] and r0["pgd_step"] == 1 and r0["response"] == "yes"
     assert not r1["success"] and "pgd_step" not in r1
+
+
+def test_steer_results_are_keyed_by_the_direction_used(tiny_lm, tmp_path, monkeypatch):
+    """One store, one prompt, one budget, two directions: the second is computed, not served
+    the first's result (and asking along the first again recomputes nothing)."""
+    from latentaudit.data.sets import load_prompt_set
+    from latentaudit.models.generate import Generation
+    from latentaudit.runs.store import ResultStore
+    from latentaudit.stages import latent as latent_mod
+    from latentaudit.stages.latent import LatentConfig, LatentRunner
+
+    monkeypatch.setattr(latent_mod, "generate_perturbed", lambda ctx, layer, rows, deltas, *a, **k:
+                        [Generation("ok", 1, [1]) for _ in rows])
+    ps = load_prompt_set("builtin:harmful:test", limit=2)
+    cfg = LatentConfig(layers="1", families=["steer"], max_new_tokens=2)
+    store = ResultStore(tmp_path / "s.sqlite")
+    runner = LatentRunner(tiny_lm, store, "t", ps, cfg, _Judge(lambda r: True),
+                          _Guard(lambda r: True))
+    fam = registry.create("family", "steer")
+    d = tiny_lm.parts.hidden_size
+
+    class Dirs:
+        def __init__(self, k):
+            self.v = torch.nn.functional.one_hot(torch.tensor(k), d).float()
+
+        def unit(self, layer):
+            return self.v
+
+    idx, eps = np.array([0, 1]), np.array([0.1, 0.1])
+    runner.oracle(fam, 1, Dirs(0))(idx, eps)
+    n1 = store.count("latent/")
+    runner.oracle(fam, 1, Dirs(1))(idx, eps)
+    n2 = store.count("latent/")
+    runner.oracle(fam, 1, Dirs(0))(idx, eps)
+    assert n2 == n1 + 2 and store.count("latent/") == n2
+    # a family that reads no direction keeps one key whatever directions are handed to it
+    noise = registry.create("family", "noise", draws=1)
+    assert runner.oracle(noise, 1, Dirs(0)).prefix == runner.oracle(noise, 1, Dirs(1)).prefix
+
+
+def _save_tiny(path, seed: int = 1, **overrides) -> str:
+    from latentaudit.models.tiny import tiny_model, tiny_tokenizer
+
+    tiny_model("llama", seed=seed, **overrides).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_directions_from_a_reference_model(capsys, tmp_path, monkeypatch):
+    """--directions-from: steer and ablate push along the reference's directions (its file in
+    the run folder, the same a `directions --model REFERENCE` computes), the summary says so,
+    and the audited model's own directions are not computed."""
+    import json
+
+    from latentaudit.cli import main
+    from latentaudit.models.loader import load_model
+    from latentaudit.pipeline import model_key
+    from latentaudit.stages.latent import LatentRunner
+
+    ref = _save_tiny(tmp_path / "ref")
+    used = {}
+    orig = LatentRunner.oracle
+
+    def spy(self, family, layer, directions=None, on_eval=None):
+        if family.name == "steer":
+            used[layer] = directions.unit(layer).clone()
+        return orig(self, family, layer, directions, on_eval)
+
+    monkeypatch.setattr(LatentRunner, "oracle", spy)
+    out = tmp_path / "r"
+    args = ["latent", "--model", "tiny:llama", "--layers", "1,2", "--families", "steer,ablate",
+            "--limit", "3", "--max-new-tokens", "2", "--progress", "none", "-o", str(out)]
+    assert main([*args, "--directions-from", ref]) == 0
+    assert "directions from" in capsys.readouterr().out
+    ref_key = model_key(load_model(ref, device="cpu"))
+    files = sorted(p.name for p in out.glob("directions-*.safetensors"))
+    assert files == [f"directions-{ref_key}.safetensors"]
+    lat = json.loads((out / "summary.json").read_text())["models"][0]["latent"]
+    assert lat["directions"]["directions_from"] == ref
+    assert lat["directions"]["model_key"] == ref_key
+    # the same directions a run on the reference itself computes
+    own = tmp_path / "own"
+    assert main(["directions", "--model", ref, "--progress", "none", "-o", str(own)]) == 0
+    ref_dirs = RefusalDirections.load(own / f"directions-{ref_key}.safetensors")
+    assert set(used) == {1, 2}
+    for layer, v in used.items():
+        assert torch.equal(v, ref_dirs.unit(layer))
+    assert lat["ablate"]["direction_layer"] == ref_dirs.selected_layer
+    # the audited model's own directions differ, and so does what steer is keyed by
+    used.clear()
+    assert main([*args[:-1], str(tmp_path / "r2")]) == 0
+    assert not torch.equal(used[1], ref_dirs.unit(1))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: str(p / "missing"), "--directions-from"),
+    (lambda p: _save_tiny(p / "shallow", num_hidden_layers=3), "same shape"),
+])
+def test_directions_from_bad_input(capsys, tmp_path, make, match):
+    from latentaudit.cli import main
+
+    ref = make(tmp_path)
+    rc = main(["latent", "--model", "tiny:llama", "--families", "steer", "--layers", "1",
+               "--limit", "2", "--directions-from", ref, "-o", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()

@@ -112,6 +112,7 @@ def behave(
 
 def _print_latent(summary, run_dir) -> None:
     from rich.console import Console
+    from rich.markup import escape as rich_escape
     from rich.table import Table
 
     console = Console()
@@ -135,6 +136,9 @@ def _print_latent(summary, run_dir) -> None:
                       str(lat.ablate.direction_layer), "-", "direction of that layer, all layers")
         console.print(t)
         console.print(f"clean elicitation (no push): {lat.clean_success.fmt()}")
+        if lat.directions and lat.directions.get("directions_from"):
+            console.print("steer/ablate directions from: "
+                          + rich_escape(str(lat.directions["directions_from"])))
     console.print(f"results: {run_dir}/summary.json")
 
 
@@ -166,6 +170,7 @@ def latent(
     pgd_optimizer: Annotated[Optional[str], typer.Option(help="l2, sign or adam [default: l2]")] = None,
     noise_draws: Annotated[Optional[int], typer.Option(help="random draws per budget [default: 4]")] = None,
     success: Annotated[Optional[str], typer.Option(help="coherent (default) or nonrefusal")] = None,
+    directions_from: Annotated[Optional[str], typer.Option(help="steer and ablate along this model's refusal directions (path, HF id or embedded:NAME, same shape) instead of the audited model's own, e.g. its base model: a model can hide its own direction from the difference of means [default: the audited model]")] = None,
     data_dir: DataDirOpt = None,
     batch_size: BatchOpt = None,
     progress: ProgressOpt = None,
@@ -183,7 +188,8 @@ def latent(
                  "latent.rel_tol": rel_tol, "latent.grid_points": grid_points,
                  "latent.ladder": ladder, "latent.positions": positions, "latent.max_new_tokens": max_new_tokens,
                  "latent.pgd_steps": pgd_steps, "latent.pgd_optimizer": pgd_optimizer,
-                 "latent.noise_draws": noise_draws, "latent.success": success})
+                 "latent.noise_draws": noise_draws, "latent.success": success,
+                 "latent.directions_from": directions_from})
     cfg = resolve_config(str(config) if config else None, over)
     run, summary = run_audit(cfg, ["latent"], command_line())
     _print_latent(summary, run.dir)
@@ -217,6 +223,8 @@ def directions(
     over.update({"latent.directions_harmful": harmful, "latent.directions_harmless": harmless,
                  "latent.directions_n": n})
     cfg = resolve_config(str(config) if config else None, over)
+    # this verb computes --model's own directions (a reference's: --model REFERENCE)
+    cfg = cfg.model_copy(update={"latent": cfg.latent.model_copy(update={"directions_from": None})})
     quiet_libraries()
     lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
     run = open_run(cfg.output_dir, cfg.model_dump(), cfg.model)

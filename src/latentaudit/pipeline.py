@@ -92,7 +92,59 @@ def _write_summary(run: Run, cfg: RunConfig, command: str, t0: float,
 
 
 def get_directions(lm: LoadedModel, run: Run, key: str, cfg: RunConfig, progress=None):
-    """Refusal directions of this model, computed once per run folder (safetensors artifact)."""
+    """Refusal directions for the model ``lm`` (its key ``key``), computed once per run folder
+    (safetensors artifact): its own, or with ``latent.directions_from`` those of the reference
+    model, applied to ``lm`` as they are (same depth and width, checked)."""
+    spec = cfg.latent.directions_from
+    if not spec:
+        return _directions_of(lm, run, key, cfg)
+    ref = reference_model(cfg)
+    _check_reference(lm, ref, spec)
+    d = _directions_of(ref["lm"], run, ref["key"], cfg, cached_only=ref["lm"] is None)
+    if d is None:  # dropped after an earlier model's run, and this folder lacks its file
+        ref["lm"] = load_model(spec, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        d = _directions_of(ref["lm"], run, ref["key"], cfg)
+    ref["lm"] = None  # its directions are on disk: the reference model is not needed again
+    from .interventions.directions import RefusalDirections
+
+    return RefusalDirections(d.directions, d.mean_harmful, d.mean_harmless,
+                             {**d.meta, "directions_from": spec})
+
+
+# directions_from: the reference model of each (spec, device, dtype), loaded once per process
+# to validate and fingerprint it before anything else runs, and kept only until its
+# directions are in the run folder
+_REFERENCES: dict[tuple, dict] = {}
+
+
+def reference_model(cfg: RunConfig) -> dict:
+    """{"key", "n_layers", "hidden", "lm" (None once dropped)} of ``latent.directions_from``;
+    a spec that does not load is bad input (one line, exit 2), raised before any folder is made
+    when the pipeline calls this first."""
+    spec = cfg.latent.directions_from
+    memo = (spec, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    if memo not in _REFERENCES:
+        try:
+            ref = load_model(spec, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        except UserError as e:
+            raise UserError(f"--directions-from: {e}") from None
+        _REFERENCES[memo] = {"key": model_key(ref), "n_layers": ref.n_layers,
+                             "hidden": ref.parts.hidden_size, "lm": ref}
+    return _REFERENCES[memo]
+
+
+def _check_reference(lm: LoadedModel, ref: dict, spec: str) -> None:
+    if (ref["n_layers"], ref["hidden"]) != (lm.n_layers, lm.parts.hidden_size):
+        raise UserError(f"--directions-from {spec}: {ref['n_layers']} layers × {ref['hidden']} "
+                        f"wide, the audited model {lm.n_layers} × {lm.parts.hidden_size} "
+                        "(directions apply only between models of the same shape)")
+
+
+def _directions_of(lm: LoadedModel | None, run: Run, key: str, cfg: RunConfig,
+                   cached_only: bool = False):
+    """The refusal directions of the model ``lm`` (key ``key``) from the run folder's file when
+    it was computed with these settings, else computed now and saved (``cached_only``: None
+    instead of computing)."""
     from .interventions.directions import RefusalDirections, compute_directions, select_direction
 
     L = cfg.latent
@@ -112,6 +164,8 @@ def get_directions(lm: LoadedModel, run: Run, key: str, cfg: RunConfig, progress
         d = RefusalDirections.load(path)
         if d.meta.get("digest") == digest:
             return d
+    if cached_only or lm is None:
+        return None
     d = compute_directions(lm, harm.texts[:n], safe.texts[:n], cfg.batch_size, cfg.behave.system,
                            meta={**meta, "digest": digest})
     d = select_direction(lm, d, harm.texts[n : n + m], safe.texts[n : n + m],
@@ -164,7 +218,14 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None =
             except ImportError:
                 raise UserError("tamper: search_trials needs optuna: pip install optuna "
                                 "(or pip install 'latentaudit[search]')") from None
+    needs_dirs = "directions" in stages or (
+        "latent" in stages and any(registry.get("family", f).uses_directions
+                                   for f in cfg.latent.families))
+    if needs_dirs and cfg.latent.directions_from:
+        ref = reference_model(cfg)  # a reference that does not load fails before any folder
     lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    if needs_dirs and cfg.latent.directions_from:
+        _check_reference(lm, ref, cfg.latent.directions_from)
     if "latent" in stages:
         parse_layers(cfg.latent.layers, lm.n_layers)
     own_run = run is None
@@ -181,8 +242,6 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None =
                 seed=cfg.seed, progress_factory=prog)
             summary = _write_summary(run, cfg, command, t0, [ms])
         directions = None
-        needs_dirs = "directions" in stages or (
-            "latent" in stages and any(f in ("steer", "ablate") for f in cfg.latent.families))
         if needs_dirs:
             directions = get_directions(lm, run, key, cfg)
         if "latent" in stages:

@@ -45,6 +45,9 @@ class Family:
     name: str = ""
     doc: str = ""
     bounded: bool = True
+    # reads the refusal directions handed to ``candidates``: the stage keys its stored results
+    # by the direction used, so results along one direction are never reused for another
+    uses_directions: bool = False
     DEFAULT_PARAMS: dict[str, Any] = {}
 
     def __init__(self, **params: Any):
@@ -103,6 +106,7 @@ class Noise(Family):
 class Steer(Family):
     name = "steer"
     doc = "push along minus the layer's refusal direction: δ_t = −ε‖h_t‖·r̂_l"
+    uses_directions = True
     DEFAULT_PARAMS: dict[str, Any] = {}
 
     def candidates(self, ctx, layer, rows, eps, seed=0, directions=None, check=None):
@@ -305,6 +309,7 @@ class Ablate(Family):
     name = "ablate"
     doc = "directional ablation of the selected refusal direction at every layer (unbounded, beside LVS)"
     bounded = False
+    uses_directions = True
     DEFAULT_PARAMS: dict[str, Any] = {}
 
     def candidates(self, *a, **k):

@@ -20,6 +20,7 @@ import time
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import registry
@@ -88,6 +89,12 @@ class LatentConfig(BaseModel):
         False, description="also check prompts whose best push still makes a refusal opener "
         "the likelier first response token (by default they skip the check: greedy generation "
         "would open with a refusal; they are judged after the last step in any case)")
+    directions_from: str | None = Field(
+        None, description="a model (path, Hugging Face id or embedded:NAME; same depth and width "
+        "as the audited model) whose refusal directions steer and ablate use instead of the "
+        "audited model's own: a model can hide its refusal direction from a difference-of-means "
+        "estimate made on itself (the zoo's dissociated does), not from one made on a reference "
+        "such as its base model")
     directions_harmful: str = "builtin:harmful:train"
     directions_harmless: str = "builtin:harmless:train"
     directions_n: int = Field(64, ge=2, description="train prompts per side for refusal directions")
@@ -188,6 +195,14 @@ def _h(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def direction_id(v: torch.Tensor) -> str:
+    """Content hash of one direction vector (float32 bytes): part of the store key of every
+    result computed along it, so a run folder never serves results along one direction (the
+    audited model's own, a reference model's, another estimate's) for another."""
+    b = v.detach().float().cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(b).hexdigest()[:12]
+
+
 class LatentRunner:
     """Evaluates (prompt, ε) pairs for one model, with the store as memory."""
 
@@ -245,7 +260,10 @@ class LatentRunner:
                 "seed": self.seed, "rescue": list(self.cfg.rescue_scales)}
 
     def oracle(self, family, layer: int, directions=None, on_eval=None):
-        fkey = _h({**self._base_settings(), "family": family.describe()})
+        desc = {**self._base_settings(), "family": family.describe()}
+        if getattr(family, "uses_directions", False) and directions is not None:
+            desc["direction"] = direction_id(directions.unit(layer))
+        fkey = _h(desc)
         prefix = f"latent/{self.model_key}/{family.name}/{fkey}/L{layer}/"
 
         def ask(idx: np.ndarray, eps: np.ndarray) -> np.ndarray:
@@ -458,7 +476,8 @@ def _run_ablate(runner: LatentRunner, directions: RefusalDirections) -> AblateRe
     layer = directions.selected_layer
     if layer is None:
         raise UserError("ablation needs a selected refusal direction")
-    key = f"latent/{runner.model_key}/ablate/{_h({**runner._base_settings(), 'dir': layer})}/"
+    key = (f"latent/{runner.model_key}/ablate/"
+           f"{_h({**runner._base_settings(), 'dir': layer, 'direction': direction_id(directions.selected())})}/")
     ps = runner.ps
     done = runner.store.keys_with_prefix(key)
     todo = [i for i, p in enumerate(ps.prompts) if key + p.id not in done]
