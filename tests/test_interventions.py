@@ -633,6 +633,8 @@ def test_directions_from_a_reference_model(capsys, tmp_path, monkeypatch):
     lat = json.loads((out / "summary.json").read_text())["models"][0]["latent"]
     assert lat["directions"]["directions_from"] == ref
     assert lat["directions"]["model_key"] == ref_key
+    assert main(["report", str(out)]) == 0
+    assert f"refusal directions of <code>{ref}</code>" in (out / "report.html").read_text()
     # the same directions a run on the reference itself computes
     own = tmp_path / "own"
     assert main(["directions", "--model", ref, "--progress", "none", "-o", str(own)]) == 0
