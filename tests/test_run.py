@@ -142,3 +142,33 @@ def test_bad_audit_config_is_one_line_exit_2(tmp_path, capsys, text, needle):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and needle in err and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_rebuilt_model_replaces_its_stale_summary_entry(tmp_path, capsys):
+    """The weights at a named model's path change between two commands into one folder (a
+    rebuilt zoo model): the summary holds one entry under that name, the new one, and says so;
+    the other models' entries stay."""
+    from latentaudit.models.tiny import tiny_model, tiny_tokenizer
+
+    ckpt = tmp_path / "m"
+
+    def save(seed):
+        tiny_model("llama", seed=seed).save_pretrained(ckpt)
+        tiny_tokenizer().save_pretrained(ckpt)
+
+    save(0)
+    cfg = {"models": [{"name": "m", "spec": str(ckpt)}, {"name": "q", "spec": "tiny:qwen2"}],
+           "stages": ["behave"], "limit": 2, "progress": "none",
+           "behave": {"max_new_tokens": 2}}
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "r"
+    assert main(["run", "--config", str(path), "-o", str(out)]) == 0
+    first = json.loads((out / "summary.json").read_text())["models"]
+    save(1)
+    capsys.readouterr()
+    assert main(["run", "--config", str(path), "-o", str(out)]) == 0
+    assert "left summary.json" in capsys.readouterr().err
+    models = json.loads((out / "summary.json").read_text())["models"]
+    assert [m["name"] for m in models] == ["m", "q"]
+    assert models[0]["key"] != first[0]["key"] and models[1]["key"] == first[1]["key"]

@@ -73,8 +73,20 @@ def _merge_previous(run: Run, models: list[ModelSummary]) -> list[ModelSummary]:
                     setattr(m, stage, getattr(p, stage))
             if m.name is None:
                 m.name = p.name
-    out = [new.pop(o.key, o) for o in old.models]
-    return out + [m for m in models if m.key in new]
+    # a name this command audits under another key (the weights at its path changed, e.g. a
+    # rebuilt zoo model) now means the new model: the old entry leaves the summary (its records
+    # stay in the store), or one name would stand for two models in every table
+    names = {m.name: m.key for m in models if m.name is not None}
+    stale = [o for o in old.models if o.name in names and o.key != names[o.name]]
+    for o in stale:
+        print(f"summary: '{o.name}' now names {names[o.name]}; the entry of its earlier weights "
+              f"({o.key}) left summary.json (its records stay in the store)",
+              file=sys.stderr, flush=True)
+    gone = {id(o) for o in stale}
+    # each old entry in its place; a stale one's place goes to the model that now has its name
+    out = [new.pop(names[o.name] if id(o) in gone else o.key, None if id(o) in gone else o)
+           for o in old.models]
+    return [m for m in out if m is not None] + [m for m in models if m.key in new]
 
 
 def _write_summary(run: Run, cfg: RunConfig, command: str, t0: float,
