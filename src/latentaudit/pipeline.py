@@ -112,11 +112,11 @@ def get_directions(lm: LoadedModel, run: Run, key: str, cfg: RunConfig, progress
         return _directions_of(lm, run, key, cfg)
     ref = reference_model(cfg)
     _check_reference(lm, ref, spec)
-    d = _directions_of(ref["lm"], run, ref["key"], cfg, cached_only=ref["lm"] is None)
-    if d is None:  # dropped after an earlier model's run, and this folder lacks its file
-        ref["lm"] = load_model(spec, cfg.device, cfg.dtype, cfg.trust_remote_code)
-        d = _directions_of(ref["lm"], run, ref["key"], cfg)
-    ref["lm"] = None  # its directions are on disk: the reference model is not needed again
+    d = _directions_of(None, run, ref["key"], cfg, cached_only=True)
+    if d is None:  # not in this folder yet: load the reference again, only for this
+        ref_lm = load_model(spec, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        d = _directions_of(ref_lm, run, ref["key"], cfg)
+        del ref_lm
     from .interventions.directions import RefusalDirections
 
     return RefusalDirections(d.directions, d.mean_harmful, d.mean_harmless,
@@ -124,15 +124,15 @@ def get_directions(lm: LoadedModel, run: Run, key: str, cfg: RunConfig, progress
 
 
 # directions_from: the reference model of each (spec, device, dtype), loaded once per process
-# to validate and fingerprint it before anything else runs, and kept only until its
-# directions are in the run folder
+# to validate and fingerprint it before anything else runs, then released (not held beside the
+# audited model); loaded again only to compute directions a run folder does not have yet
 _REFERENCES: dict[tuple, dict] = {}
 
 
 def reference_model(cfg: RunConfig) -> dict:
-    """{"key", "n_layers", "hidden", "lm" (None once dropped)} of ``latent.directions_from``;
-    a spec that does not load is bad input (one line, exit 2), raised before any folder is made
-    when the pipeline calls this first."""
+    """{"key", "n_layers", "hidden"} of ``latent.directions_from``; a spec that does not load is
+    bad input (one line, exit 2), raised before any folder is made when the pipeline calls this
+    first."""
     spec = cfg.latent.directions_from
     memo = (spec, cfg.device, cfg.dtype, cfg.trust_remote_code)
     if memo not in _REFERENCES:
@@ -141,7 +141,8 @@ def reference_model(cfg: RunConfig) -> dict:
         except UserError as e:
             raise UserError(f"--directions-from: {e}") from None
         _REFERENCES[memo] = {"key": model_key(ref), "n_layers": ref.n_layers,
-                             "hidden": ref.parts.hidden_size, "lm": ref}
+                             "hidden": ref.parts.hidden_size}
+        del ref
     return _REFERENCES[memo]
 
 
