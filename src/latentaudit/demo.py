@@ -8,7 +8,7 @@
 
 The sizes below are recorded in the run's config and the zoo's model cards. They do not fit the
 CPU budget the demo aims at (full ≤ 30 min, ``--quick`` ≤ 8 min): measured on 2 cores
-(2026-12-02) the zoo takes 33-44 min cold, the full audit about 95 min (layers 10,15,22) and the quick one 22.4 min (layer 10)
+(2026-12-02) the zoo takes 33-44 min cold, the full audit about 90 min (layers 10,15,22) and the quick one 22.4 min (layer 10)
 with the zoo built (README, "What the demo found"); on a GPU both are minutes.
 """
 
