@@ -635,6 +635,16 @@ def test_directions_from_a_reference_model(capsys, tmp_path, monkeypatch):
     assert lat["directions"]["model_key"] == ref_key
     assert main(["report", str(out)]) == 0
     assert f"refusal directions of <code>{ref}</code>" in (out / "report.html").read_text()
+    # compare carries the source of the directions: in JSON and CSV always, in the table beside
+    # a family that moves along them
+    capsys.readouterr()
+    assert main(["compare", str(out), "--format", "json", "--family", "steer"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["directions_from"] == ref and row["lvs_family"] == "steer"
+    assert main(["compare", str(out), "--format", "table", "--family", "steer"]) == 0
+    assert f"steer (directions of {ref})" in " ".join(capsys.readouterr().out.split())
+    assert main(["compare", str(out), "--format", "csv"]) == 0
+    assert f",{ref}," in capsys.readouterr().out
     # the same directions a run on the reference itself computes
     own = tmp_path / "own"
     assert main(["directions", "--model", ref, "--progress", "none", "-o", str(own)]) == 0

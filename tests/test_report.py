@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT_PAYLOAD = "<script>window.__pwned=1</script>"
 IMG_PAYLOAD = '<img src=x onerror="window.__pwned=1">'
 EVIL = f"{SCRIPT_PAYLOAD} {IMG_PAYLOAD}"
-JSON_KEYS = ["model", "S", "over_refusal", "lvs", "lvs_layer", "r_ft", "ag_latent", "ag_ft", "run_dir"]
+JSON_KEYS = ["model", "S", "over_refusal", "lvs", "lvs_layer", "lvs_family", "directions_from",
+             "r_ft", "ag_latent", "ag_ft", "run_dir"]
 ESTIMATE_KEYS = {"value", "lo", "hi", "n"}
 
 
@@ -372,6 +373,12 @@ def test_compare_json_schema(two_runs, capsys, tmp_path):
     assert a["ag_ft"]["value"] == s["tamper"]["AG_ft"]["value"]
     assert b["S"] == a["S"] and b["lvs"] is None and b["lvs_layer"] is None
     assert b["r_ft"] is None and b["ag_latent"] is None and b["ag_ft"] is None
+    assert a["lvs_family"] == "pgd" and b["lvs_family"] is None
+    assert a["directions_from"] is None  # the run used the audited model's own directions
+    # the documented schema lists exactly these keys, in this order
+    doc = (Path(__file__).parents[1] / "docs" / "compare_schema.md").read_text()
+    table = doc.split("| key ", 1)[1].split("\n\n", 1)[0]
+    assert re.findall(r"^\| `(\w+)`", table, flags=re.M) == JSON_KEYS
     # --family picks another family; --out writes the same text to a file
     rc, out2, err = run_cli(capsys, "compare", full, "--format", "json", "--family", "steer",
                             "--out", tmp_path / "c.json")

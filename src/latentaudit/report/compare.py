@@ -40,8 +40,8 @@ METRICS: list[tuple[str, str]] = [
     ("ag_latent", "AG_latent"),
     ("ag_ft", "AG_ft"),
 ]
-JSON_KEYS = ("model", "S", "over_refusal", "lvs", "lvs_layer", "r_ft", "ag_latent", "ag_ft",
-             "run_dir")
+JSON_KEYS = ("model", "S", "over_refusal", "lvs", "lvs_layer", "lvs_family", "directions_from",
+             "r_ft", "ag_latent", "ag_ft", "run_dir")
 
 
 def load_summary(run_dir: str | Path):
@@ -87,6 +87,9 @@ class Headline:
     ag_ft: Estimate | None = None
     lvs_gap: Estimate | None = None        # LVS(M) − LVS(M) of ``lvs_gap_against``, paired
     lvs_gap_against: str | None = None
+    # the model whose refusal directions steer and ablate used (latent.directions_from; None:
+    # the audited model's own)
+    directions_from: str | None = None
     notes: list[str] = field(default_factory=list)
     scores: Any = None                     # (prompt ids, eps range, {layer: ε* list}) for gaps
 
@@ -138,6 +141,8 @@ def model_headline(m, run_dir: str, family: str | None = None) -> Headline:
     if lat is not None:
         fam = pick_family(lat, family)
         h.family = fam
+        if lat.directions and lat.directions.get("directions_from"):
+            h.directions_from = str(lat.directions["directions_from"])
         if fam is None:
             h.notes.append(f"family '{family}' was not run" if family else
                            "the latent stage has no bounded family with an LVS(M)")
@@ -277,7 +282,8 @@ def rows_json(rows: list[Headline]) -> list[dict[str, Any]]:
     for h in rows:
         out.append({
             "model": h.model, "S": estimate_json(h.S), "over_refusal": estimate_json(h.over_refusal),
-            "lvs": estimate_json(h.lvs), "lvs_layer": h.lvs_layer, "r_ft": estimate_json(h.r_ft),
+            "lvs": estimate_json(h.lvs), "lvs_layer": h.lvs_layer, "lvs_family": h.family,
+            "directions_from": h.directions_from, "r_ft": estimate_json(h.r_ft),
             "ag_latent": estimate_json(h.ag_latent), "ag_ft": estimate_json(h.ag_ft),
             "run_dir": h.run_dir,
         })
@@ -291,10 +297,26 @@ def _gapped(rows: list[Headline]) -> str | None:
     return next((h.lvs_gap_against for h in rows if h.lvs_gap_against is not None), None)
 
 
+def _family_cell(h: Headline) -> str:
+    """The family, and for one that moves along refusal directions (steer, ablate) whose
+    directions came from another model, that model."""
+    if h.family is None:
+        return "—"
+    from .. import registry
+
+    try:
+        directional = bool(getattr(registry.get("family", h.family), "uses_directions", False))
+    except UserError:  # a family this version does not know: shown as recorded
+        directional = False
+    if directional and h.directions_from:
+        return f"{h.family} (directions of {h.directions_from})"
+    return h.family
+
+
 def _text_cells(h: Headline, gap: bool = False) -> list[str]:
     cells = [h.run_dir, h.model, fmt_estimate(h.S), fmt_estimate(h.over_refusal),
              fmt_estimate(h.lvs), "—" if h.lvs_layer is None else str(h.lvs_layer),
-             h.family or "—"]
+             _family_cell(h)]
     if gap:
         cells.append("—" if h.model == h.lvs_gap_against and h.lvs_gap is None
                      else fmt_estimate(h.lvs_gap, missing="n/a", signed=True))
@@ -340,7 +362,7 @@ def format_markdown(rows: list[Headline]) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_HEADER = (["run_dir", "model", "lvs_family", "lvs_layer"]
+CSV_HEADER = (["run_dir", "model", "lvs_family", "lvs_layer", "directions_from"]
               + [f"{k}{s}" for k, _ in METRICS for s in ("", "_lo", "_hi", "_n")])
 
 
@@ -353,7 +375,7 @@ def format_csv(rows: list[Headline]) -> str:
                               "lvs_gap_n"] if gap else []))
     for h in rows:
         line: list[Any] = [h.run_dir, h.model, h.family or "",
-                           "" if h.lvs_layer is None else h.lvs_layer]
+                           "" if h.lvs_layer is None else h.lvs_layer, h.directions_from or ""]
         for k in metrics:
             if k == "lvs_gap":
                 line.append(h.lvs_gap_against or "")
