@@ -2,7 +2,8 @@
 
 For each recipe: wall time of `construct` (default settings unless overridden), then S and
 over-refusal on held-out prompts (from the model card), and LVS per family on held-out harmful
-prompts at the chosen layers, with 95% CIs. Writes everything to --out/bench_zoo.json.
+prompts at the chosen layers, with 95% CIs, and each model's LVS(M) gap to `safe` paired over
+prompts (the form the zoo's targets take). Writes everything to ZOO/bench_zoo.json.
 
     .venv/bin/python benchmarks/bench_zoo.py --zoo zoo --layers every:5 --lvs-limit 24
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from latentaudit.config import RunConfig
 from latentaudit.construct.build import construct
 from latentaudit.pipeline import quiet_libraries, run_audit
+from latentaudit.report.compare import compare_runs
 
 ORDER = [("safe", "embedded:smollm2-135m"), ("dissociated", "safe"), ("hardened", "safe"),
          ("abliterated", "safe")]
@@ -72,14 +74,28 @@ def main() -> None:
             row["latent_s"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps(row, default=str), flush=True)
+    if not a.skip_lvs and any(r["model"] == "safe" for r in rows):
+        # the zoo's targets are paired: LVS(M) of each model minus safe's, on the same prompts
+        runs = [str(zoo / "bench-runs" / r["model"]) for r in rows]
+        for fam in a.families.split(","):
+            heads = compare_runs(runs, fam, against=str(zoo / "safe"))
+            for r, h in zip(rows, heads):
+                if h.lvs_gap is not None:
+                    g = h.lvs_gap
+                    r.setdefault("lvs_gap_vs_safe", {})[fam] = {
+                        "value": g.value, "lo": g.lo, "hi": g.hi, "n": g.n,
+                        "definition": "LVS(M) − LVS(M) of safe, paired over prompts (bootstrap CI)"}
     (zoo / "bench_zoo.json").write_text(json.dumps(rows, indent=2, default=str))
-    print("\nmodel         build_s  S                 O                 " + "  ".join(
+    print(f"\n{'model':<13} {'build_s':>12}  {'S':<17} {'O':<17} " + "  ".join(
         f"LVS {f:<22}" for f in a.families.split(",")))
     for r in rows:
         def f(e):
             return f"{e['value']:.2f} [{e['lo']:.2f},{e['hi']:.2f}]" if e else "-"
         lv = "  ".join(f"{f(r.get('lvs', {}).get(k)):<26}" for k in a.families.split(","))
-        print(f"{r['model']:<13} {str(r['build_s']):>7}  {f(r.get('S')):<17} {f(r.get('O')):<17} {lv}")
+        gaps = r.get("lvs_gap_vs_safe", {})
+        lv += "  " + "  ".join(f"Δ{k} vs safe {g['value']:+.3f} [{g['lo']:+.3f},{g['hi']:+.3f}]"
+                               for k, g in gaps.items())
+        print(f"{r['model']:<13} {str(r['build_s']):>12}  {f(r.get('S')):<17} {f(r.get('O')):<17} {lv}")
 
 
 if __name__ == "__main__":
