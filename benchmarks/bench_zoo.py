@@ -18,7 +18,7 @@ from pathlib import Path
 from latentaudit.config import RunConfig
 from latentaudit.construct.build import construct
 from latentaudit.pipeline import quiet_libraries, run_audit
-from latentaudit.report.compare import compare_runs
+from latentaudit.report.compare import compare_runs, estimate_json
 
 ORDER = [("safe", "embedded:smollm2-135m"), ("dissociated", "safe"), ("hardened", "safe"),
          ("abliterated", "safe")]
@@ -81,9 +81,8 @@ def main() -> None:
             heads = compare_runs(runs, fam, against=str(zoo / "safe"))
             for r, h in zip(rows, heads):
                 if h.lvs_gap is not None:
-                    g = h.lvs_gap
                     r.setdefault("lvs_gap_vs_safe", {})[fam] = {
-                        "value": g.value, "lo": g.lo, "hi": g.hi, "n": g.n,
+                        **estimate_json(h.lvs_gap),
                         "definition": "LVS(M) − LVS(M) of safe, paired over prompts (bootstrap CI)"}
     (zoo / "bench_zoo.json").write_text(json.dumps(rows, indent=2, default=str))
     print(f"\n{'model':<13} {'build_s':>12}  {'S':<17} {'O':<17} " + "  ".join(

@@ -376,7 +376,7 @@ def test_compare_json_schema(two_runs, capsys, tmp_path):
     assert a["lvs_family"] == "pgd" and b["lvs_family"] is None
     assert a["directions_from"] is None  # the run used the audited model's own directions
     # the documented schema lists exactly these keys, in this order
-    doc = (Path(__file__).parents[1] / "docs" / "compare_schema.md").read_text()
+    doc = (REPO / "docs" / "compare_schema.md").read_text()
     table = doc.split("| key ", 1)[1].split("\n\n", 1)[0]
     assert re.findall(r"^\| `(\w+)`", table, flags=re.M) == JSON_KEYS
     # --family picks another family; --out writes the same text to a file
