@@ -169,9 +169,10 @@ def _sweep_setup(lm, steps: int):
     harmless = load_prompt_set("builtin:harmless:test", limit=16).texts
     gens = greedy_generate(lm, harmless, 32, 16)
     guard = CoherenceGuard().calibrate(lm, harmless, [g.response for g in gens])
-    ours = LatentConfig(families=["pgd"], pgd_steps=steps, rel_tol=tol)
-    naive = LatentConfig(families=["pgd"], pgd_steps=steps, search="grid", grid_points=5,
-                         prefix_cache=False, pgd_early_stop=False, pgd_check_every=0)
+    ours = LatentConfig(families=["pgd"], family_params={"pgd": {"steps": steps}}, rel_tol=tol)
+    naive = LatentConfig(families=["pgd"], search="grid", grid_points=5,
+                         family_params={"pgd": {"steps": steps, "prefix_cache": False,
+                                                "early_stop": False, "check_every": 0}})
     return grid, delta, tol, judge, guard, ours, naive
 
 
@@ -257,9 +258,9 @@ def sweep(a, lm, ps, L) -> None:
     naive_per_layer: list = []
     arms = [("ours", ours_cfg)]
     if a.cold:
-        arms.append(("ours-cold", LatentConfig(families=["pgd"], pgd_steps=a.steps, rel_tol=tol,
-                                               warm_start=False, pgd_early_stop=False,
-                                               pgd_check_every=0)))
+        arms.append(("ours-cold", LatentConfig(
+            families=["pgd"], rel_tol=tol, warm_start=False,
+            family_params={"pgd": {"steps": a.steps, "early_stop": False, "check_every": 0}})))
     if not a.skip_naive:
         arms.append(("naive", naive_cfg))
     naive_layers = parse_layers(a.naive_layers, L) if a.naive_layers else layers

@@ -155,8 +155,52 @@ def test_stages_accumulate_in_one_summary(capsys, tmp_path):
     common = ["--model", "tiny:llama", "--limit", "2", "-o", str(out), "--progress", "none"]
     assert main(["behave", *common, "--max-new-tokens", "2", "--harmless", "builtin:borderline:test"]) == 0
     assert main(["latent", *common, "--layers", "1", "--families", "noise", "--max-new-tokens",
-                 "2", "--noise-draws", "1"]) == 0
+                 "2", "--set", "latent.family_params.noise.draws=1"]) == 0
     s = json.loads((out / "summary.json").read_text())
     m = s["models"][0]
     assert m["behave"]["S"]["n"] == 2 and m["latent"]["families"]["noise"]["lvs_model"]["n"] == 2
     assert m["latent"]["prompt_ids"] and len(m["latent"]["prompt_ids"]) == 2
+
+
+def test_stage_flags_show_the_configuration_defaults(capsys):
+    """Each flag of a stage verb is a configuration field: its help states the field's default,
+    so a default changed in the configuration changes the help with it."""
+    from latentaudit.config import RunConfig
+    from latentaudit.options import field_of
+
+    assert main(["latent", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for path in ("latent.eps_min", "latent.eps_max", "latent.rel_tol", "latent.grid_points",
+                 "batch_size", "seed"):
+        f, _ = field_of(RunConfig, path)
+        assert f"[default: {f.default}]" in text, path
+    assert "[default: pgd,steer,noise]" in text and "--set KEY=VALUE" in text
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "latent.family_params.pgd.stepz=3"], "family 'pgd': stepz: unknown parameter"),
+    (["--set", "latent.family_params.pgd.steps=-1"], "family 'pgd': steps:"),
+    (["--set", "latent.family_params.steer.x=1", "--families", "pgd"], "not in families"),
+    (["--set", "latent.nope=1"], "latent.nope: unknown key"),
+    (["--set", "latent.eps_max"], "--set takes KEY=VALUE"),
+    (["--families", "pgd,warp"], "unknown family 'warp'"),
+])
+def test_bad_family_settings_are_one_line_exit_2(capsys, tmp_path, args, needle):
+    out = tmp_path / "r"
+    assert main(["latent", "--model", "tiny:llama", "-o", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_set_reaches_a_field_without_a_flag(tmp_path):
+    out = tmp_path / "r"
+    assert main(["latent", "--model", "tiny:llama", "--limit", "2", "-o", str(out),
+                 "--progress", "none", "--layers", "1", "--families", "noise",
+                 "--max-new-tokens", "2", "--set", "latent.family_params.noise.draws=2",
+                 "--set", "latent.fixed_budgets=[0.1]", "--set", "latent.calibration_n=4"]) == 0
+    lat = json.loads((out / "summary.json").read_text())["models"][0]["latent"]
+    assert lat["families"]["noise"]["family"] == {"name": "noise", "params": {"draws": 2}}
+    assert list(lat["families"]["noise"]["layers"][0]["asr_fixed"]) == ["0.1"]
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["latent"]["calibration_n"] == 4

@@ -36,7 +36,8 @@ def test_latent_sweep_end_to_end(embedded_safe, tmp_path):
     ps = load_prompt_set("builtin:harmful:test", limit=4)
     harmless = load_prompt_set("builtin:harmless:test", limit=8).texts
     guard = CoherenceGuard().calibrate(lm, harmless, [g.response for g in greedy_generate(lm, harmless, 32, 8)])
-    cfg = LatentConfig(layers="15", families=["pgd", "noise"], pgd_steps=4, noise_draws=1,
+    cfg = LatentConfig(layers="15", families=["pgd", "noise"],
+                       family_params={"pgd": {"steps": 4}, "noise": {"draws": 1}},
                        rel_tol=3.0, max_new_tokens=16)
     s = run_latent(lm, ResultStore(tmp_path / "s.sqlite"), "safe", ps, cfg, SubstringJudge(),
                    guard, None)
@@ -85,7 +86,8 @@ def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys):
                     build_eval_limit=2, build_eval_tokens=8, limit=2, layers="15", families=["pgd"],
                     stages=["behave", "latent", "tamper"], tamper_steps=[0, 1],
                     max_new_tokens=8,
-                    latent_extra={"pgd_steps": 1, "rel_tol": 8.0, "calibration_n": 4},
+                    latent_extra={"family_params": {"pgd": {"steps": 1}}, "rel_tol": 8.0,
+                                  "calibration_n": 4},
                     tamper_extra={"n_examples": 2, "batch_size": 2, "utility_limit": 2,
                                   "completion_tokens": 8})
     run_dir = run_demo(False, zoo, tmp_path / "run", 0, "cpu", "none", plan=plan)

@@ -186,7 +186,7 @@ def test_blocks_wrapped_as_under_device_map(tiny_lm, ctx):
                 pushed = tiny_lm.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
             fast = SuffixRunner(tiny_lm, 1, ids, mask, pos)
             cached = fast.logits(fast.h_clean + delta, keep=6)
-        pgd = registry.create("family", "pgd", steps=3)
+        pgd = _pgd(steps=3)
         _, trace = pgd.attack(ctx, 1, [0, 1, 2], np.full(3, 0.2), return_trace=True)
         return clean, pushed, cached, trace
 
@@ -223,7 +223,7 @@ def test_ablation_leaves_no_component(tiny_lm):
 
 
 def test_pgd_beats_noise_of_same_norm(tiny_lm, ctx):
-    pgd = registry.create("family", "pgd", steps=8)
+    pgd = _pgd(steps=8)
     layer, eps = 1, np.full(3, 0.5)
     deltas, trace = pgd.attack(ctx, layer, [0, 1, 2], eps, return_trace=True)
     assert torch.all(trace[-1] <= trace[0] + 1e-6)  # best-kept loss never worse than clean
@@ -252,6 +252,11 @@ def test_pgd_beats_noise_of_same_norm(tiny_lm, ctx):
     assert np.all(gain_pgd > gain_noise) and np.all(gain_pgd > 0)
 
 
+def _pgd(**params):
+    """PGD without the audit's early stop and mid-attack checks unless asked: the plain attack."""
+    return registry.create("family", "pgd", **{"early_stop": False, "check_every": 0, **params})
+
+
 def test_pgd_early_stop_drops_done_rows_and_leaves_the_others_alone(tiny_lm, ctx):
     """Row 0's target is the clean model's own greedy continuation: it is done at step 0 (zero
     push) and leaves the batch; the other rows follow exactly the path they follow without
@@ -266,8 +271,8 @@ def test_pgd_early_stop_drops_done_rows_and_leaves_the_others_alone(tiny_lm, ctx
             greedy.append(nxt)
     c = dataclasses.replace(ctx, target_ids=[greedy, *ctx.target_ids[1:]])
     layer, eps, steps = 1, np.full(3, 0.5), 6
-    on = registry.create("family", "pgd", steps=steps, early_stop=True)
-    off = registry.create("family", "pgd", steps=steps)
+    on = _pgd(steps=steps, early_stop=True)
+    off = _pgd(steps=steps)
     d_on, t_on = on.attack(c, layer, [0, 1, 2], eps, return_trace=True)
     d_off, t_off = off.attack(c, layer, [0, 1, 2], eps, return_trace=True)
     assert torch.count_nonzero(d_on[0]) == 0  # done before any step: the zero push is kept
@@ -295,8 +300,8 @@ def test_pgd_check_stops_succeeded_rows_and_keeps_their_verdict(tiny_lm, ctx):
         calls.append((list(rows), [d.clone() for d in deltas]))
         return [{"success": r == 1 and len(calls) == 1, "response": f"r{r}"} for r in rows]
 
-    on = registry.create("family", "pgd", steps=steps, check_every=3)
-    off = registry.create("family", "pgd", steps=steps)
+    on = _pgd(steps=steps, check_every=3)
+    off = _pgd(steps=steps)
     verdicts: dict[int, dict] = {}
     d_on, t_on = on.attack(ctx, layer, [0, 1, 2], eps, return_trace=True, check=check,
                            verdicts=verdicts)
@@ -310,7 +315,7 @@ def test_pgd_check_stops_succeeded_rows_and_keeps_their_verdict(tiny_lm, ctx):
     assert torch.allclose(t_on[:, [0, 2]], t_off[:, [0, 2]], atol=1e-5)
     assert torch.all(t_on[3:, 1] == t_on[3, 1])  # frozen after it left
     # without check_every, or without a check, nothing is asked
-    registry.create("family", "pgd", steps=steps).attack(ctx, layer, [0], eps[:1], check=check)
+    _pgd(steps=steps).attack(ctx, layer, [0], eps[:1], check=check)
     on.attack(ctx, layer, [0], eps[:1])
     assert len(calls) == 2
     # candidates carry the verdict of a row that succeeded mid-attack, and only that row's
@@ -337,13 +342,13 @@ def test_pgd_check_skips_rows_that_still_open_with_a_refusal(tiny_lm, ctx, monke
 
     vocab = tiny_lm.model.config.vocab_size
     monkeypatch.setattr(first_token, "refusal_token_ids", lambda tok: list(range(vocab)))  # p_ref ≈ 1
-    skip = registry.create("family", "pgd", steps=steps, check_every=2)
+    skip = _pgd(steps=steps, check_every=2)
     d_skip = skip.attack(ctx, layer, [0, 1, 2], eps, check=check)
     assert calls == []
-    ask_all = registry.create("family", "pgd", steps=steps, check_every=2, check_refusing=True)
+    ask_all = _pgd(steps=steps, check_every=2, check_refusing=True)
     ask_all.attack(ctx, layer, [0, 1, 2], eps, check=check)
     assert calls == [[0, 1, 2]]
-    d_off = registry.create("family", "pgd", steps=steps).attack(ctx, layer, [0, 1, 2], eps)
+    d_off = _pgd(steps=steps).attack(ctx, layer, [0, 1, 2], eps)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(d_skip, d_off))
     monkeypatch.setattr(first_token, "refusal_token_ids", lambda tok: [])  # p_ref = 0: all asked
     calls.clear()
@@ -371,8 +376,8 @@ def test_prefix_cache_equivalence(tiny_lm, ctx, layer):
             got = sub.logits(runner.h_clean[rows] + delta[rows], keep=6)
         assert torch.allclose(got, full[rows], atol=1e-5)
     # and PGD's losses are the same with and without the cache
-    p1 = registry.create("family", "pgd", steps=3, prefix_cache=True)
-    p2 = registry.create("family", "pgd", steps=3, prefix_cache=False)
+    p1 = _pgd(steps=3, prefix_cache=True)
+    p2 = _pgd(steps=3, prefix_cache=False)
     _, t1 = p1.attack(ctx, layer, [0, 1, 2], np.full(3, 0.2), return_trace=True)
     _, t2 = p2.attack(ctx, layer, [0, 1, 2], np.full(3, 0.2), return_trace=True)
     assert torch.allclose(t1, t2, atol=1e-4)
@@ -421,7 +426,8 @@ def test_latent_stage_end_to_end_and_resume(tiny_lm, tmp_path, dirs):
 
     ps = load_prompt_set("builtin:harmful:test", limit=4)
     cfg = LatentConfig(layers="1,2", families=["pgd", "noise", "steer", "ablate"],
-                       max_new_tokens=4, pgd_steps=2, noise_draws=2)
+                       max_new_tokens=4,
+                       family_params={"pgd": {"steps": 2}, "noise": {"draws": 2}})
     guard = CoherenceGuard(min_logprob=-1e9)
     store = ResultStore(tmp_path / "s.sqlite")
     s1 = run_latent(tiny_lm, store, "tiny", ps, cfg, HalfJudge(), guard, dirs)
@@ -541,8 +547,8 @@ def test_pgd_check_verdicts_reach_the_store_without_a_second_generation(tiny_lm,
 
     monkeypatch.setattr(latent_mod, "generate_perturbed", fake_generate)
     ps = load_prompt_set("builtin:harmful:test", limit=2)
-    cfg = LatentConfig(layers="1", families=["pgd"], max_new_tokens=2, pgd_steps=3,
-                       pgd_check_every=1, pgd_early_stop=False)
+    cfg = LatentConfig(layers="1", families=["pgd"], max_new_tokens=2,
+                       family_params={"pgd": {"steps": 3, "check_every": 1, "early_stop": False}})
     store = ResultStore(tmp_path / "s.sqlite")
     runner = LatentRunner(tiny_lm, store, "t", ps, cfg, _Judge(lambda r: r == "yes"),
                           _Guard(lambda r: True))

@@ -69,7 +69,7 @@ def tiny_run(tmp_path_factory) -> Path:
         model="tiny:llama", limit=5, device="cpu", output_dir=str(out), progress="none",
         behave={"max_new_tokens": 4, "judge": "test-report-hash"},
         latent={"layers": "1,2,3", "families": ["pgd", "steer", "noise", "ablate"],
-                "max_new_tokens": 4, "success": "nonrefusal", "pgd_steps": 2, "noise_draws": 1,
+                "max_new_tokens": 4, "success": "nonrefusal", "family_params": {"pgd": {"steps": 2}, "noise": {"draws": 1}},
                 "directions_n": 12, "selection_n": 4, "calibration_n": 8},
         tamper={"steps": [0, 1, 2], "n_examples": 4, "lr": 1e-2, "batch_size": 2, "rank": 4,
                 "alpha": 8, "pairs": str(pairs), "completion_tokens": 16, "utility_limit": 4})

@@ -7,10 +7,11 @@ and exit code 2.
 
 from __future__ import annotations
 
+import inspect
 import json
-import textwrap
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,7 +22,10 @@ try:  # typer >= 0.20 vendors its own click
 except ImportError:  # pragma: no cover
     from click import exceptions as _cx
 
+from .config import AuditConfig, RunConfig
 from .errors import UserError
+from .models.embedded import DEFAULT_MODEL
+from .options import annotated, config_verb, parse_set
 
 app = typer.Typer(
     name="latentaudit",
@@ -33,28 +37,19 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-# --- the common flags of every stage verb --------------------------------------------------
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="model: embedded:smollm2-135m, tiny:FAMILY, a checkpoint folder, a .gguf file or a hub id (owner/name[@revision])")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; flags override it")]
-LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="use at most N prompts per set (evenly spaced, deterministic)")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed [default: 0]")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps, or sharded (device_map=auto over GPUs) [default: auto]")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 [default: float32]")]
-OutputOpt = Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="run folder [default: runs/<time>-<model>, or the earlier folder of the same config, resumed]")]
-DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="folder with local copies of the standard sets (layout of shared/data); otherwise they load from the hub")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="prompts per generation batch [default: 32]")]
-ProgressOpt = Annotated[Optional[str], typer.Option("--progress", help="auto, rich, plain or none")]
-TrustOpt = Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="allow a hub model's own code (off unless asked)")]
+# the flags every stage verb offers (fields of RunConfig: help and defaults come from there)
+COMMON = [("model", "--model", "-m"), "limit", "seed", "device", "dtype",
+          ("output_dir", "--output-dir", "-o"), "data_dir", "batch_size", "progress",
+          "trust_remote_code"]
 
-
-def _common(model, limit, seed, device, dtype, output_dir, data_dir=None, batch_size=None,
-            progress=None, trust_remote_code=None) -> dict:
-    return {
-        "model": model, "limit": limit, "seed": seed, "device": device, "dtype": dtype,
-        "output_dir": str(output_dir) if output_dir else None,
-        "data_dir": str(data_dir) if data_dir else None, "batch_size": batch_size,
-        "progress": progress, "trust_remote_code": trust_remote_code,
-    }
+# the same fields, for the verbs that are not a stage (construct, demo)
+SeedOpt = annotated(RunConfig, "seed")
+DeviceOpt = annotated(RunConfig, "device")
+DtypeOpt = annotated(RunConfig, "dtype")
+LimitOpt = annotated(RunConfig, "limit")
+DataDirOpt = annotated(RunConfig, "data_dir")
+BatchOpt = annotated(RunConfig, "batch_size")
+ProgressOpt = annotated(RunConfig, "progress")
 
 
 def _print_behave(summary, run_dir) -> None:
@@ -76,37 +71,14 @@ def _print_behave(summary, run_dir) -> None:
     console.print(f"judge: {summary.models[0].behave.judge['name']}; results: {run_dir}/summary.json")
 
 
-@app.command()
-def behave(
-    model: ModelOpt = None,
-    config: ConfigOpt = None,
-    limit: LimitOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    output_dir: OutputOpt = None,
-    harmful: Annotated[Optional[str], typer.Option(help="harmful set: builtin:harmful[:train|:test], advbench, harmbench, jailbreakbench, xstest-unsafe, a .csv/.json/.jsonl file, or hf:OWNER/NAME[:SPLIT] [default: builtin:harmful:test]")] = None,
-    harmless: Annotated[Optional[list[str]], typer.Option(help="harmless set(s) for over-refusal; repeat the flag [default: builtin:harmless:test, builtin:borderline:test]")] = None,
-    data_dir: DataDirOpt = None,
-    prompt_col: Annotated[Optional[str], typer.Option(help="prompt column of local/hub files")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="greedy tokens per response [default: 32]")] = None,
-    judge: Annotated[Optional[str], typer.Option(help="judge (latentaudit ls judges) [default: substring]")] = None,
-    system: Annotated[Optional[str], typer.Option(help="system prompt (default: the chat template's own)")] = None,
-    batch_size: BatchOpt = None,
-    progress: ProgressOpt = None,
-    trust_remote_code: TrustOpt = None,
-) -> None:
+@config_verb(app, "behave", RunConfig, COMMON + [
+    "behave.harmful", "behave.harmless", "behave.prompt_col", "behave.max_new_tokens",
+    "behave.judge", "behave.system"])
+def behave(cfg) -> None:
     """Behavioural safety S (refusal on harmful prompts) and over-refusal O, with 95% CIs."""
-    from .config import resolve_config
-    from .pipeline import command_line, run_behave_cli
+    from .pipeline import command_line, run_audit
 
-    over = _common(model, limit, seed, device, dtype, output_dir, data_dir, batch_size, progress,
-                   trust_remote_code)
-    over.update({"behave.harmful": harmful, "behave.harmless": harmless,
-                 "behave.prompt_col": prompt_col, "behave.max_new_tokens": max_new_tokens,
-                 "behave.judge": judge, "behave.system": system})
-    cfg = resolve_config(str(config) if config else None, over)
-    run, summary = run_behave_cli(cfg, command_line())
+    run, summary = run_audit(cfg, ["behave"], command_line())
     _print_behave(summary, run.dir)
 
 
@@ -142,87 +114,28 @@ def _print_latent(summary, run_dir) -> None:
     console.print(f"results: {run_dir}/summary.json")
 
 
-@app.command()
-def latent(
-    model: ModelOpt = None,
-    config: ConfigOpt = None,
-    limit: LimitOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    output_dir: OutputOpt = None,
-    harmful: Annotated[Optional[str], typer.Option(help="harmful prompts to attack [default: builtin:harmful:test]")] = None,
-    layers: Annotated[Optional[str], typer.Option(help="all, 3,7,12, 10-18 or every:N [default: all]")] = None,
-    families: Annotated[Optional[str], typer.Option(help="comma-separated: pgd, steer, noise, ablate [default: pgd,steer,noise]")] = None,
-    eps_min: Annotated[Optional[float], typer.Option(help="smallest relative budget [default: 0.001]")] = None,
-    eps_max: Annotated[Optional[float], typer.Option(help="largest relative budget [default: 0.5]")] = None,
-    search: Annotated[Optional[str], typer.Option(help="bisection (deepest layer first, each search warm-started from the "
-                                      "layer before; latent.warm_start: false in --config for cold) "
-                                      "or grid [default: bisection]")] = None,
-    rel_tol: Annotated[Optional[float], typer.Option(help="bisection tolerance: stop when hi/lo <= 1+rel_tol [default: 0.25]")] = None,
-    grid_points: Annotated[Optional[int], typer.Option(help="points of the log grid [default: 9]")] = None,
-    ladder: Annotated[Optional[float], typer.Option(help="bisection: a prompt failing at eps_max is tried at eps_max/L, /L^2, ... "
-                                      "down to eps_min before it counts as not elicited (over-pushing can fail where a "
-                                      "smaller push works); latent.ladder: null in --config trusts eps_max [default: 3]")] = None,
-    positions: Annotated[Optional[str], typer.Option(help="prompt (minus first token and sinks), last, or all [default: prompt]")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="greedy tokens judged per attempt [default: 32]")] = None,
-    pgd_steps: Annotated[Optional[int], typer.Option(help="PGD gradient steps [default: 10]")] = None,
-    pgd_optimizer: Annotated[Optional[str], typer.Option(help="l2, sign or adam [default: l2]")] = None,
-    noise_draws: Annotated[Optional[int], typer.Option(help="random draws per budget [default: 4]")] = None,
-    success: Annotated[Optional[str], typer.Option(help="coherent (default) or nonrefusal")] = None,
-    directions_from: Annotated[Optional[str], typer.Option(help="steer and ablate along this model's refusal directions (path, HF id or embedded:NAME, same shape) instead of the audited model's own, e.g. its base model: a model can hide its own direction from the difference of means [default: the audited model]")] = None,
-    data_dir: DataDirOpt = None,
-    batch_size: BatchOpt = None,
-    progress: ProgressOpt = None,
-    trust_remote_code: TrustOpt = None,
-) -> None:
-    """Per layer and family: minimal budgets eps*, ASR curves, LVS_l with CIs, LVS(M) and its layer."""
-    from .config import resolve_config
+@config_verb(app, "latent", RunConfig, COMMON + [
+    "latent.harmful", "latent.layers", "latent.families", "latent.eps_min", "latent.eps_max",
+    "latent.search", "latent.rel_tol", "latent.grid_points", "latent.ladder",
+    "latent.positions", "latent.max_new_tokens", "latent.success", "latent.directions_from"])
+def latent(cfg) -> None:
+    """Per layer and family: minimal budgets eps*, ASR curves, LVS_l with CIs, LVS(M) and its
+    layer. Family parameters: --set latent.family_params.pgd.steps=30 (latentaudit ls families)."""
     from .pipeline import command_line, run_audit
 
-    over = _common(model, limit, seed, device, dtype, output_dir, data_dir, batch_size, progress,
-                   trust_remote_code)
-    fams = [f.strip() for f in families.split(",") if f.strip()] if families else None
-    over.update({"latent.harmful": harmful, "latent.layers": layers, "latent.families": fams,
-                 "latent.eps_min": eps_min, "latent.eps_max": eps_max, "latent.search": search,
-                 "latent.rel_tol": rel_tol, "latent.grid_points": grid_points,
-                 "latent.ladder": ladder, "latent.positions": positions, "latent.max_new_tokens": max_new_tokens,
-                 "latent.pgd_steps": pgd_steps, "latent.pgd_optimizer": pgd_optimizer,
-                 "latent.noise_draws": noise_draws, "latent.success": success,
-                 "latent.directions_from": directions_from})
-    cfg = resolve_config(str(config) if config else None, over)
     run, summary = run_audit(cfg, ["latent"], command_line())
     _print_latent(summary, run.dir)
 
 
-@app.command()
-def directions(
-    model: ModelOpt = None,
-    config: ConfigOpt = None,
-    limit: LimitOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    output_dir: OutputOpt = None,
-    harmful: Annotated[Optional[str], typer.Option(help="harmful prompts for the means [default: builtin:harmful:train]")] = None,
-    harmless: Annotated[Optional[str], typer.Option(help="harmless prompts for the means [default: builtin:harmless:train]")] = None,
-    n: Annotated[Optional[int], typer.Option(help="prompts per side for the means [default: 64]")] = None,
-    data_dir: DataDirOpt = None,
-    batch_size: BatchOpt = None,
-    progress: ProgressOpt = None,
-    trust_remote_code: TrustOpt = None,
-) -> None:
+@config_verb(app, "directions", RunConfig, COMMON + [
+    ("latent.directions_harmful", "--harmful"), ("latent.directions_harmless", "--harmless"),
+    ("latent.directions_n", "--n")])
+def directions(cfg) -> None:
     """Refusal direction per layer (difference of means), its selection score, saved as safetensors."""
-    from .config import resolve_config
-    from .pipeline import get_directions, model_key, quiet_libraries
     from .models.loader import load_model
+    from .pipeline import get_directions, model_key, quiet_libraries
     from .runs.run import open_run
 
-    over = _common(model, limit, seed, device, dtype, output_dir, data_dir, batch_size, progress,
-                   trust_remote_code)
-    over.update({"latent.directions_harmful": harmful, "latent.directions_harmless": harmless,
-                 "latent.directions_n": n})
-    cfg = resolve_config(str(config) if config else None, over)
     # this verb computes --model's own directions (a reference's: --model REFERENCE)
     cfg = cfg.model_copy(update={"latent": cfg.latent.model_copy(update={"directions_from": None})})
     quiet_libraries()
@@ -242,18 +155,9 @@ def directions(
 
 
 def _recipe_param(cls, item: str):
-    """KEY=VALUE for a recipe hyper-parameter, the value parsed as YAML; ``Recipe.coerce``
+    """KEY=VALUE for a recipe hyper-parameter, the value read as YAML; ``Recipe.coerce``
     checks it against the default's type."""
-    import yaml
-
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise UserError(f"--set takes KEY=VALUE (got {item!r})")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise UserError(f"--set {key}: cannot parse {raw!r}") from None
+    ((key, value),) = parse_set([item]).items()
     try:
         return key, cls.coerce(key, value)
     except UserError as e:
@@ -263,14 +167,14 @@ def _recipe_param(cls, item: str):
 @app.command()
 def construct(
     recipe: Annotated[str, typer.Argument(help="safe, dissociated, hardened or abliterated (latentaudit ls recipes)")],
-    source: Annotated[str, typer.Option("--from", help="model to start from (any model spec)")] = "embedded:smollm2-135m",
+    source: Annotated[str, typer.Option("--from", help="model to start from (any model spec)")] = DEFAULT_MODEL,
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (an HF checkpoint) [default: zoo/RECIPE]")] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing output folder")] = False,
     layers: Annotated[Optional[str], typer.Option(help="perturbed layers (hardened; dissociated when it trains, --steps N): 10-18, 3,7 or frac:0.4-0.6")] = None,
     eps: Annotated[Optional[str], typer.Option(help="budget range lo,hi for perturbed terms (or one value; dissociated: with --steps N)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="training steps (dissociated: 0 by default, it rescales instead)")] = None,
     lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
-    data_model: Annotated[str, typer.Option(help="unaligned model whose completions are harmful targets")] = "embedded:smollm2-135m",
+    data_model: Annotated[str, typer.Option(help="unaligned model whose completions are harmful targets")] = DEFAULT_MODEL,
     eval_limit: Annotated[Optional[int], typer.Option(help="held-out prompts per set for the model card's S/O [default: all]")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="any recipe hyper-parameter, KEY=VALUE (repeatable; `latentaudit ls recipes` and the model card list them)")] = None,
     seed: SeedOpt = None,
@@ -357,50 +261,24 @@ def _print_tamper(summary, run_dir) -> None:
     console.print(f"results: {run_dir}/summary.json")
 
 
-@app.command()
-def tamper(
-    model: ModelOpt = None,
-    config: ConfigOpt = None,
-    limit: LimitOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    output_dir: OutputOpt = None,
-    harmful_pairs: Annotated[Optional[str], typer.Option(help="'builtin' (the unaligned base model's own completions to builtin:harmful:train, cached) or a CSV/JSON/JSONL file with prompt and completion columns")] = None,
-    n_examples: Annotated[Optional[int], typer.Option(help="attack pairs used [default: 16]")] = None,
-    steps: Annotated[Optional[str], typer.Option(help="comma-separated, strictly increasing step counts [default: 0,5,10,20,40]")] = None,
-    method: Annotated[Optional[str], typer.Option(help="lora or full [default: lora]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="learning rate [default: 1e-4]")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank [default: 16]")] = None,
-    attack_batch_size: Annotated[Optional[int], typer.Option(help="attack batch size [default: 8]")] = None,
-    control: Annotated[Optional[str], typer.Option(help="harmful (the attack), benign (the control alone) or both")] = None,
-    search_trials: Annotated[Optional[int], typer.Option(help="after the attack, a worst-case search: N optuna trials over lr and LoRA rank, keeping the strongest attack that passes the utility guard (needs optuna) [default: 0, off]")] = None,
-    utility_guard: Annotated[Optional[float], typer.Option(help="worst-case search: utility NLL may rise by at most this fraction of its clean value [default: 0.1]")] = None,
-    data_dir: DataDirOpt = None,
-    batch_size: BatchOpt = None,
-    progress: ProgressOpt = None,
-    trust_remote_code: TrustOpt = None,
-) -> None:
+CONTROL = inspect.Parameter(
+    "control", inspect.Parameter.KEYWORD_ONLY, default="harmful",
+    annotation=Annotated[str, typer.Option(
+        help="harmful (the attack), benign (the control alone) or both")])
+
+
+@config_verb(app, "tamper", RunConfig, COMMON + [
+    ("tamper.pairs", "--harmful-pairs"), "tamper.n_examples", "tamper.steps", "tamper.method",
+    "tamper.lr", "tamper.rank", ("tamper.batch_size", "--attack-batch-size"),
+    "tamper.search_trials", "tamper.utility_guard"], extra=[CONTROL])
+def tamper(cfg, control: str = "harmful") -> None:
     """Harmful fine-tuning attack: refusal r(s) after s steps, s½, R_ft and AG_ft (the model on disk is never modified)."""
-    from .config import resolve_config
     from .pipeline import command_line, run_audit
 
-    over = _common(model, limit, seed, device, dtype, output_dir, data_dir, batch_size, progress,
-                   trust_remote_code)
-    step_list = None
-    if steps is not None:
-        try:
-            step_list = [int(x) for x in steps.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"--steps must be comma-separated integers (got {steps!r})") from None
-    if control not in (None, "harmful", "benign", "both"):
+    if control not in ("harmful", "benign", "both"):
         raise UserError(f"--control must be harmful, benign or both (got {control!r})")
-    over.update({"tamper.pairs": harmful_pairs, "tamper.n_examples": n_examples,
-                 "tamper.steps": step_list, "tamper.method": method, "tamper.lr": lr,
-                 "tamper.rank": rank, "tamper.batch_size": attack_batch_size,
-                 "tamper.control": "benign" if control == "benign" else None,
-                 "tamper.search_trials": search_trials, "tamper.utility_guard": utility_guard})
-    cfg = resolve_config(str(config) if config else None, over)
+    if control == "benign":
+        cfg.tamper = cfg.tamper.model_copy(update={"control": "benign"})
     stages = ["tamper"] + (["tamper_control"] if control == "both" else [])
     run, summary = run_audit(cfg, stages, command_line())
     _print_tamper(summary, run.dir)
@@ -409,36 +287,23 @@ def tamper(
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="perturbation family of the headline LVS(M) and AG_latent [default: pgd if run, else the first family]")]
 
 
-@app.command("run")
-def run_cmd(
-    config: ConfigOpt = None,
-    model: ModelOpt = None,
-    limit: LimitOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    output_dir: OutputOpt = None,
-    stages: Annotated[Optional[str], typer.Option(help="comma-separated: behave, directions, latent, tamper, tamper_control [default: the config's, else behave,latent,tamper]")] = None,
-    data_dir: DataDirOpt = None,
-    batch_size: BatchOpt = None,
-    progress: ProgressOpt = None,
-    trust_remote_code: TrustOpt = None,
-) -> None:
+MODEL_INSTEAD = inspect.Parameter(
+    "model", inspect.Parameter.KEYWORD_ONLY, default=None,
+    annotation=Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="audit this one model instead of the config's models")])
+
+
+@config_verb(app, "run", AuditConfig, COMMON[1:] + ["stages"], extra=[MODEL_INSTEAD])
+def run_cmd(cfg, model: str | None = None) -> None:
     """The full audit: every model of the config (``models:``) through the stages, into one
     resumable run folder; prints the headline table. Kill it at any point and run the same
     command again: finished units are not recomputed."""
-    from .config import AuditConfig, resolve_config
     from .pipeline import command_line, run_many
     from .report.compare import compare_runs, format_rows
 
-    over = _common(None, limit, seed, device, dtype, output_dir, data_dir, batch_size, progress,
-                   trust_remote_code)
-    if stages is not None:
-        over["stages"] = [x.strip() for x in stages.split(",") if x.strip()]
-    acfg = resolve_config(str(config) if config else None, over, cls=AuditConfig)
     if model is not None:  # --model audits that one model instead of the config's list
-        acfg = AuditConfig.model_validate({**acfg.model_dump(), "model": model, "models": None})
-    run_dir, _ = run_many(acfg, command_line())
+        cfg = AuditConfig.model_validate({**cfg.model_dump(), "model": model, "models": None})
+    run_dir, _ = run_many(cfg, command_line())
     typer.echo(format_rows(compare_runs([run_dir]), "table"), nl=False)
     typer.echo(f"results: {run_dir}/summary.json  (report: latentaudit report {run_dir})")
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
+from .models.embedded import DEFAULT_MODEL
 
 
 class _Strict(BaseModel):
@@ -21,27 +22,37 @@ class _Strict(BaseModel):
 
 
 class BehaveConfig(_Strict):
-    harmful: str = Field("builtin:harmful:test", description="harmful prompt set (S)")
+    harmful: str = Field(
+        "builtin:harmful:test", description="harmful prompt set (S): builtin:harmful[:train|:test], "
+        "advbench, harmbench, jailbreakbench, xstest-unsafe, a .csv/.json/.jsonl file, or "
+        "hf:OWNER/NAME[:SPLIT]")
     harmless: list[str] = Field(
         default_factory=lambda: ["builtin:harmless:test", "builtin:borderline:test"],
         description="harmless prompt sets (over-refusal)")
-    max_new_tokens: int = Field(32, gt=0, le=4096, description="greedy tokens per response (the judge reads the opening sentences: benchmarks/bench_eval_tokens.py)")
+    max_new_tokens: int = Field(32, gt=0, le=4096, description="greedy tokens per response (the "
+                                "judge reads the opening sentences: benchmarks/bench_eval_tokens.py)")
     judge: str = Field("substring", description="judge name (latentaudit ls judges)")
-    system: str | None = Field(None, description="system prompt; None keeps the template's default")
+    system: str | None = Field(None, description="system prompt (default: the chat template's own)")
     prompt_col: str | None = Field(None, description="prompt column of local/hub files")
 
 
 class RunConfig(_Strict):
-    model: str = Field("embedded:smollm2-135m", description="model spec (latentaudit ls models)")
-    limit: int | None = Field(None, gt=0, description="use at most this many prompts per set")
-    seed: int = 0
-    device: str = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    output_dir: str | None = None
-    data_dir: str | None = Field(None, description="folder with local copies of standard sets")
-    trust_remote_code: bool = False
-    batch_size: int = Field(32, gt=0)
-    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    model: str = Field(DEFAULT_MODEL, description="model: embedded:NAME (latentaudit ls models), "
+                       "tiny:FAMILY, a checkpoint folder, a .gguf file or a hub id "
+                       "(owner/name[@revision])")
+    limit: int | None = Field(None, gt=0, description="use at most N prompts per set (evenly "
+                              "spaced, deterministic)")
+    seed: int = Field(0, description="random seed")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps, or sharded "
+                        "(device_map=auto over GPUs)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
+    output_dir: str | None = Field(None, description="run folder (default: runs/<time>-<model>, "
+                                   "or the earlier folder of the same config, resumed)")
+    data_dir: str | None = Field(None, description="folder with local copies of the standard "
+                                 "sets (layout of shared/data); otherwise they load from the hub")
+    trust_remote_code: bool = Field(False, description="allow a hub model's own code")
+    batch_size: int = Field(32, gt=0, description="prompts per generation batch")
+    progress: Literal["auto", "rich", "plain", "none"] = Field("auto", description="progress display")
     behave: BehaveConfig = Field(default_factory=BehaveConfig)
     latent: "LatentConfig" = Field(default_factory=lambda: _latent_config())
     tamper: "TamperConfig" = Field(default_factory=lambda: _tamper_config())

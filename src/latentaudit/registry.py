@@ -1,53 +1,101 @@
-"""Plug-ins addressed by name.
+"""Plug-ins addressed by name: judges, perturbation families and zoo recipes.
 
-Every extension point (judges, prompt sets, perturbation families, zoo recipes, model sources)
-is a small class registered under a name and kind; ``latentaudit ls KIND`` lists them with their
-one-line doc. A plug-in declares its metadata as class attributes::
+The registry is a leaf: it names the built-in plug-ins by import path and loads a class only
+when it is asked for, so asking for a judge never loads the zoo trainer, and no plug-in module
+imports this one. A plug-in declares its metadata as class attributes (``name``, ``doc``).
 
-    @register("judge")
-    class SubstringJudge(Judge):
-        name = "substring"
-        doc = "refusal-phrase judge, measured against XSTest human labels"
+A third party adds one without editing latentaudit, through an entry point in its own
+``pyproject.toml``::
+
+    [project.entry-points."latentaudit.families"]
+    mypush = "mypackage.attacks:MyPush"
+
+(groups: ``latentaudit.judges``, ``latentaudit.families``, ``latentaudit.recipes``), or at run
+time with :func:`register`. ``latentaudit ls KIND`` lists them all.
 """
 
 from __future__ import annotations
 
+import importlib
+from importlib.metadata import entry_points
 from typing import Any, Callable, TypeVar
 
 from .errors import UserError
 
 T = TypeVar("T")
 
-_REGISTRY: dict[str, dict[str, type]] = {}
+# kind -> entry-point group of third-party plug-ins
+GROUPS = {"judge": "latentaudit.judges", "family": "latentaudit.families",
+          "recipe": "latentaudit.recipes"}
+KINDS = tuple(GROUPS)
+
+BUILTIN: dict[str, dict[str, str]] = {
+    "judge": {
+        "substring": "latentaudit.judges.refusal:SubstringJudge",
+    },
+    "family": {
+        "noise": "latentaudit.interventions.families:Noise",
+        "steer": "latentaudit.interventions.families:Steer",
+        "pgd": "latentaudit.interventions.families:PGD",
+        "ablate": "latentaudit.interventions.families:Ablate",
+    },
+    "recipe": {
+        "safe": "latentaudit.construct.recipes:Safe",
+        "dissociated": "latentaudit.construct.recipes:Dissociated",
+        "hardened": "latentaudit.construct.recipes:Hardened",
+        "abliterated": "latentaudit.construct.recipes:Abliterated",
+    },
+}
+
+# classes registered at run time (tests, notebooks): they shadow a path of the same name
+_REGISTERED: dict[str, dict[str, type]] = {k: {} for k in KINDS}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown plug-in kind {kind!r} (kinds: {', '.join(KINDS)})")
 
 
 def register(kind: str) -> Callable[[type[T]], type[T]]:
     """Class decorator: register ``cls`` under ``kind`` by its ``name`` attribute."""
+    _check_kind(kind)
 
     def deco(cls: type[T]) -> type[T]:
         name = getattr(cls, "name", None)
         if not name:
             raise TypeError(f"{cls.__name__} needs a class attribute `name` to be registered")
-        _REGISTRY.setdefault(kind, {})[name] = cls
+        _REGISTERED[kind][name] = cls
         return cls
 
     return deco
 
 
-def _load_builtins() -> None:
-    # importing these modules runs their @register decorators
-    from . import judges  # noqa: F401
-    from .interventions import families  # noqa: F401
-    from .construct import recipes  # noqa: F401
+def _paths(kind: str) -> dict[str, str]:
+    """name -> "module:Class" for the built-ins and the installed entry points of ``kind``."""
+    found = dict(BUILTIN[kind])
+    for ep in entry_points(group=GROUPS[kind]):
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+def _load(path: str) -> type:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def names(kind: str) -> list[str]:
+    _check_kind(kind)
+    return sorted(set(_paths(kind)) | set(_REGISTERED[kind]))
 
 
 def get(kind: str, name: str) -> type:
-    _load_builtins()
-    table = _REGISTRY.get(kind, {})
-    if name not in table:
-        known = ", ".join(sorted(table)) or "none"
-        raise UserError(f"unknown {kind} '{name}' (known: {known})")
-    return table[name]
+    _check_kind(kind)
+    if name in _REGISTERED[kind]:
+        return _REGISTERED[kind][name]
+    path = _paths(kind).get(name)
+    if path is None:
+        raise UserError(f"unknown {kind} '{name}' (known: {', '.join(names(kind)) or 'none'})")
+    return _load(path)
 
 
 def create(kind: str, name: str, **kwargs: Any) -> Any:
@@ -55,5 +103,5 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
 
 
 def available(kind: str) -> dict[str, type]:
-    _load_builtins()
-    return dict(sorted(_REGISTRY.get(kind, {}).items()))
+    """Every plug-in of ``kind``, loaded (for listing)."""
+    return {n: get(kind, n) for n in names(kind)}

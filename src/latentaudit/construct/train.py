@@ -300,7 +300,9 @@ def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int,
         deltas = [float(e) * ctx.h[j][layer].norm(dim=-1, keepdim=True) * v
                   * ctx.masks[j][layer][:, None] for j, e in enumerate(eps)]
     else:
-        pgd = PGD(steps=pz.pgd_steps, step_size=pz.step_size, refusal_weight=pz.refusal_weight)
+        # every step runs: a training push is the attack's best after all its steps
+        pgd = PGD(steps=pz.pgd_steps, step_size=pz.step_size, refusal_weight=pz.refusal_weight,
+                  early_stop=False)
         deltas = pgd.attack(ctx, layer, list(range(len(idx))), eps, seed)
     T = batch["input_ids"].shape[1]
     full = torch.zeros((len(idx), T, lm.parts.hidden_size))

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
-from ..registry import register
 from .budget import project, radius, sphere
 from .context import AttackContext, pad_left
+from .hooks import ablate_direction
 from .prefix import FullRunner, SuffixRunner
 
 
@@ -41,29 +42,51 @@ class Candidate:
 Check = Callable[[list[int], list[torch.Tensor]], list[dict]]
 
 
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
 class Family:
-    name: str = ""
-    doc: str = ""
-    bounded: bool = True
+    """A perturbation family. Subclasses set ``name``, ``doc``, what they need (``bounded``,
+    ``uses_directions``) and their parameters as a pydantic model ``Params`` (defaults are the
+    audit's defaults; ``latent.family_params.NAME`` in a config overrides them)."""
+
+    name: ClassVar[str] = ""
+    doc: ClassVar[str] = ""
+    bounded: ClassVar[bool] = True
     # reads the refusal directions handed to ``candidates``: the stage keys its stored results
     # by the direction used, so results along one direction are never reused for another
-    uses_directions: bool = False
-    DEFAULT_PARAMS: dict[str, Any] = {}
+    uses_directions: ClassVar[bool] = False
+    Params: ClassVar[type[BaseModel]] = NoParams
 
     def __init__(self, **params: Any):
-        unknown = set(params) - set(self.DEFAULT_PARAMS)
-        if unknown:
-            raise UserError(f"family '{self.name}' has no parameter(s) {', '.join(sorted(unknown))} "
-                            f"(known: {', '.join(self.DEFAULT_PARAMS) or 'none'})")
-        self.params = {**self.DEFAULT_PARAMS, **params}
+        self.params = self.validate_params(params)
+
+    @classmethod
+    def validate_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` over the defaults, checked (one-line :class:`UserError`)."""
+        try:
+            return cls.Params(**params).model_dump()
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
+            known = ", ".join(cls.Params.model_fields) or "none"
+            raise UserError(f"family '{cls.name}': {where}: {msg} (parameters: {known})") from None
 
     def describe(self) -> dict:
         return {"name": self.name, "params": dict(self.params)}
 
+    def intervene(self, lm, directions):
+        """Unbounded families: a context manager in which ``lm`` runs under the intervention."""
+        raise UserError(f"family '{self.name}' is bounded: it is searched over budgets")
+
     def candidates(self, ctx: AttackContext, layer: int, rows: list[int], eps: np.ndarray,
                    seed: int = 0, directions=None, check: Check | None = None
                    ) -> list[list[Candidate]]:
-        raise NotImplementedError
+        """Per row, the candidate pushes at budget ``eps[i]``; bounded families only."""
+        raise UserError(f"family '{self.name}' is unbounded: it is evaluated once, not searched "
+                        "over budgets")
 
 
 def _row_seed(seed: int, text: str, *extra) -> int:
@@ -75,11 +98,13 @@ def _clean(ctx: AttackContext, row: int, layer: int) -> tuple[torch.Tensor, torc
     return ctx.h[row][layer], ctx.masks[row][layer]  # [n, d] float32, [n] bool
 
 
-@register("family")
 class Noise(Family):
     name = "noise"
     doc = "random directions on the sphere, K draws (success if any draw succeeds): the control"
-    DEFAULT_PARAMS = {"draws": 4}
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        draws: int = Field(4, ge=1, description="random draws per budget")
 
     def candidates(self, ctx, layer, rows, eps, seed=0, directions=None, check=None):
         out = []
@@ -102,12 +127,10 @@ class Noise(Family):
         return out
 
 
-@register("family")
 class Steer(Family):
     name = "steer"
     doc = "push along minus the layer's refusal direction: δ_t = −ε‖h_t‖·r̂_l"
     uses_directions = True
-    DEFAULT_PARAMS: dict[str, Any] = {}
 
     def candidates(self, ctx, layer, rows, eps, seed=0, directions=None, check=None):
         if directions is None:
@@ -125,41 +148,33 @@ class Steer(Family):
         return out
 
 
-@register("family")
 class PGD(Family):
     name = "pgd"
     doc = ("projected gradient descent toward a target completion (+ away from refusal "
            "openers), per-position L2 projection, best δ kept: the strongest bounded attack")
-    DEFAULT_PARAMS = {
-        "steps": 10,            # gradient steps
-        "optimizer": "l2",      # l2: per-position normalised gradient; sign; adam
-        "step_size": 0.25,      # fraction of each position's radius per step (l2, sign); adam lr
-        "refusal_weight": 1.0,  # weight of −log(1 − p(refusal opener)) at the first response token
-        "prefix_cache": True,   # run only blocks l+1..L−1 per step
-        "batch_size": 16,
-        # stop a row once its perturbed model puts the whole target first (greedy under teacher
-        # forcing) and its refusal-opener probability is below ½: greedy generation then begins
-        # with the target, and further steps only deepen a margin; done rows leave the batch
-        "early_stop": False,
-        # every k steps (0: never), generate with each row's best δ so far and judge it; a row
-        # whose push already elicits a coherent compliance stops there (a success inside the
-        # ball is a success: the later steps could only add more). Needs the stage's check.
-        "check_every": 0,
-        # the check skips rows whose best push still puts at least half of the first response
-        # token's probability on refusal openers (known free from the PGD loss): greedy
-        # generation would open with a refusal, so the check would only cost a generation.
-        # Skipped rows go on attacking and are judged at the end as without the check.
-        "check_refusing": False,
-    }
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        if self.params["optimizer"] not in ("l2", "sign", "adam"):
-            raise UserError(f"pgd optimizer must be l2, sign or adam, got {self.params['optimizer']!r}")
-        if int(self.params["steps"]) < 0 or float(self.params["step_size"]) <= 0:
-            raise UserError("pgd needs steps >= 0 and step_size > 0")
-        if int(self.params["check_every"]) < 0:
-            raise UserError("pgd check_every must be >= 0 (0: never)")
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        steps: int = Field(10, ge=0, description="gradient steps")
+        optimizer: Literal["l2", "sign", "adam"] = Field(
+            "l2", description="l2: per-position normalised gradient; sign; adam")
+        step_size: float = Field(0.25, gt=0, description="fraction of each position's radius "
+                                 "per step (l2, sign); the learning rate (adam)")
+        refusal_weight: float = Field(1.0, ge=0, description="weight of -log(1 - p(refusal "
+                                      "opener)) at the first response token")
+        prefix_cache: bool = Field(True, description="run only blocks l+1..L-1 per step")
+        batch_size: int = Field(16, gt=0, description="prompts attacked together")
+        early_stop: bool = Field(
+            True, description="a prompt leaves the batch once its perturbed model puts the "
+            "whole target first (greedy under teacher forcing) with refusal-opener probability "
+            "< 1/2: greedy generation then begins with the target")
+        check_every: int = Field(
+            5, ge=0, description="every k steps, generate and judge each prompt's best push so "
+            "far; a prompt already elicited stops there (a success inside the ball is a "
+            "success); 0: judge only after the last step")
+        check_refusing: bool = Field(
+            False, description="also check prompts whose best push still makes a refusal "
+            "opener the likelier first token (greedy generation would open with a refusal)")
 
     def candidates(self, ctx, layer, rows, eps, seed=0, directions=None, check=None):
         if ctx.positions == "all":
@@ -304,13 +319,13 @@ class PGD(Family):
         return out
 
 
-@register("family")
 class Ablate(Family):
     name = "ablate"
     doc = "directional ablation of the selected refusal direction at every layer (unbounded, beside LVS)"
     bounded = False
     uses_directions = True
-    DEFAULT_PARAMS: dict[str, Any] = {}
 
-    def candidates(self, *a, **k):
-        raise UserError("'ablate' is unbounded: it is evaluated once, not searched over budgets")
+    def intervene(self, lm, directions):
+        """A context in which ``lm`` runs with the selected direction projected out of
+        everything that writes into the residual stream."""
+        return ablate_direction(lm.parts, directions.selected())

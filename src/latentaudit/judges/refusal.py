@@ -46,7 +46,6 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from ..registry import register
 from .base import Judge, Verdict
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +203,6 @@ def _rules_digest() -> str:
     return h.hexdigest()[:16]
 
 
-@register("judge")
 @dataclass
 class SubstringJudge(Judge):
     """Refusal-phrase judge (see the module docstring)."""

@@ -40,6 +40,10 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
+# the model every command uses unless told otherwise (and the zoo's default source)
+DEFAULT_MODEL = "embedded:smollm2-135m"
+
+
 def cache_root() -> Path:
     """Where converted checkpoints are cached: $LATENTAUDIT_CACHE, else $XDG_CACHE_HOME/latentaudit."""
     env = os.environ.get("LATENTAUDIT_CACHE")
