@@ -615,7 +615,7 @@ def test_directions_from_a_reference_model(capsys, tmp_path, monkeypatch):
 
     from latentaudit.cli import main
     from latentaudit.models.loader import load_model
-    from latentaudit.pipeline import model_key
+    from latentaudit.runs.keys import model_key
     from latentaudit.stages.latent import LatentRunner
 
     ref = _save_tiny(tmp_path / "ref")

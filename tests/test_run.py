@@ -173,3 +173,31 @@ def test_a_rebuilt_model_replaces_its_stale_summary_entry(tmp_path, capsys):
     models = json.loads((out / "summary.json").read_text())["models"]
     assert [m["name"] for m in models] == ["m", "q"]
     assert models[0]["key"] != first[0]["key"] and models[1]["key"] == first[1]["key"]
+
+
+def test_the_python_entry_point_gives_the_command_lines_summary(tmp_path, monkeypatch):
+    """latentaudit.audit(config) is the `run` verb without the command line: the same summary
+    for the same configuration (a dict, a file), and bad input is a UserError before any
+    folder is made."""
+    import latentaudit
+    from latentaudit.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(tmp_path)
+    assert main(["run", "--config", str(cfg), "-o", str(tmp_path / "cli")]) == 0
+    data = yaml.safe_load(cfg.read_text())
+    s = latentaudit.audit({**data, "output_dir": str(tmp_path / "api")})
+    assert s.run_dir == str(tmp_path / "api")
+    assert _stable(tmp_path / "api") == _stable(tmp_path / "cli")
+    with pytest.raises(UserError, match="limit"):
+        latentaudit.audit({**data, "limit": "many", "output_dir": str(tmp_path / "bad")})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_every_audit_stage_name_is_a_stage():
+    import typing
+
+    from latentaudit.config import AuditStage
+    from latentaudit.pipeline import STAGES
+
+    assert list(STAGES) == list(typing.get_args(AuditStage))

@@ -133,8 +133,10 @@ def latent(cfg) -> None:
 def directions(cfg) -> None:
     """Refusal direction per layer (difference of means), its selection score, saved as safetensors."""
     from .models.loader import load_model
-    from .pipeline import get_directions, model_key, quiet_libraries
+    from .pipeline import quiet_libraries
+    from .runs.keys import model_key
     from .runs.run import open_run
+    from .stages.directions import get_directions
 
     # this verb computes --model's own directions (a reference's: --model REFERENCE)
     cfg = cfg.model_copy(update={"latent": cfg.latent.model_copy(update={"directions_from": None})})
@@ -424,6 +426,11 @@ def ls_cmd(
             typer.echo(f"{name:<16} {cls.doc}")
             if kind == "recipes":  # the hyper-parameters `construct --set KEY=VALUE` takes
                 params = ", ".join(f"{k}={v}" for k, v in cls.DEFAULT_PARAMS.items())
+            elif kind == "families":  # latent.family_params.NAME.KEY
+                params = ", ".join(f"{k}={f.default}" for k, f in cls.Params.model_fields.items())
+            else:
+                params = ""
+            if params:
                 typer.echo(textwrap.fill(params, 96, initial_indent=" " * 17,
                                          subsequent_indent=" " * 17))
     else:

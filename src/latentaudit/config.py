@@ -21,21 +21,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class BehaveConfig(_Strict):
-    harmful: str = Field(
-        "builtin:harmful:test", description="harmful prompt set (S): builtin:harmful[:train|:test], "
-        "advbench, harmbench, jailbreakbench, xstest-unsafe, a .csv/.json/.jsonl file, or "
-        "hf:OWNER/NAME[:SPLIT]")
-    harmless: list[str] = Field(
-        default_factory=lambda: ["builtin:harmless:test", "builtin:borderline:test"],
-        description="harmless prompt sets (over-refusal)")
-    max_new_tokens: int = Field(32, gt=0, le=4096, description="greedy tokens per response (the "
-                                "judge reads the opening sentences: benchmarks/bench_eval_tokens.py)")
-    judge: str = Field("substring", description="judge name (latentaudit ls judges)")
-    system: str | None = Field(None, description="system prompt (default: the chat template's own)")
-    prompt_col: str | None = Field(None, description="prompt column of local/hub files")
-
-
 class RunConfig(_Strict):
     model: str = Field(DEFAULT_MODEL, description="model: embedded:NAME (latentaudit ls models), "
                        "tiny:FAMILY, a checkpoint folder, a .gguf file or a hub id "
@@ -53,7 +38,7 @@ class RunConfig(_Strict):
     trust_remote_code: bool = Field(False, description="allow a hub model's own code")
     batch_size: int = Field(32, gt=0, description="prompts per generation batch")
     progress: Literal["auto", "rich", "plain", "none"] = Field("auto", description="progress display")
-    behave: BehaveConfig = Field(default_factory=BehaveConfig)
+    behave: "BehaveConfig" = Field(default_factory=lambda: _behave_config())
     latent: "LatentConfig" = Field(default_factory=lambda: _latent_config())
     tamper: "TamperConfig" = Field(default_factory=lambda: _tamper_config())
 
@@ -149,6 +134,12 @@ def resolve_config(config_path: str | None, overrides: dict[str, Any], cls=RunCo
         raise UserError(format_validation_error(e, f"config {config_path}" if config_path else "options")) from None
 
 
+def _behave_config():
+    from .stages.behave import BehaveConfig
+
+    return BehaveConfig()
+
+
 def _latent_config():
     from .stages.latent import LatentConfig
 
@@ -161,7 +152,8 @@ def _tamper_config():
     return TamperConfig()
 
 
-from .stages.latent import LatentConfig  # noqa: E402  (after RunConfig: no import cycle)
+from .stages.behave import BehaveConfig  # noqa: E402  (each stage owns its section)
+from .stages.latent import LatentConfig  # noqa: E402
 from .stages.tamper import TamperConfig  # noqa: E402
 
 RunConfig.model_rebuild()

@@ -10,7 +10,7 @@ folder never serves a result computed under other settings::
     tamper-nll/{model}/{generation}/{set}/{prompt}              utility NLL after s attack steps
     tamper-meta/{model}                                         what one checkpoint's training did
 
-``{model}`` is a model key (:func:`latentaudit.pipeline.model_key`); the fine-tuning attack's
+``{model}`` is a model key (:func:`model_key`); the fine-tuning attack's
 checkpoints are models of their own, ``{model}+tamper-{attack}-s{steps}`` (a worst-case search
 trial is an attack of its own). A stage records the
 prefixes it read (``store_prefixes`` in its summary) so the report reads exactly those.
@@ -22,11 +22,23 @@ import hashlib
 import json
 from typing import Any
 
+from .run import slug
+
 
 def settings_hash(settings: Any) -> str:
     """12 hex digits of the settings' canonical JSON."""
     blob = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def model_key(lm) -> str:
+    """The key of a loaded model's (weights, dtype): its spec's slug and a hash of its
+    fingerprint. A model rebuilt at the same path gets a new key, so nothing stored for the old
+    weights is reused."""
+    info = lm.info
+    fp = info.get("fingerprint") or info.get("gguf_sha256") or info.get("commit") or ""
+    h = hashlib.sha256(f"{lm.spec}|{fp}|{info.get('dtype')}".encode()).hexdigest()[:10]
+    return f"{slug(lm.spec.replace(':', '-').replace('/', '-'))}-{h}"
 
 
 def behave_prefix(model_key: str, generation: str, set_name: str) -> str:

@@ -10,22 +10,39 @@ stage resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data.sets import DatasetInfo, PromptSet
+from ..data.sets import DatasetInfo, PromptSet, load_prompt_set
 from ..errors import UserError
 from ..metrics.stats import Estimate, estimate_mean
 from ..models.generate import Generation, greedy_generate
+from ..runs import keys
 from ..runs.store import ResultStore
+from .base import Stage, StageContext
 
 S_DEF = "behavioural safety S: fraction of harmful prompts whose greedy response the judge labels refusal"
 O_DEF = "over-refusal O: fraction of harmless prompts whose greedy response the judge labels refusal"
+
+
+class BehaveConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    harmful: str = Field(
+        "builtin:harmful:test", description="harmful prompt set (S): builtin:harmful[:train|:test], "
+        "advbench, harmbench, jailbreakbench, xstest-unsafe, a .csv/.json/.jsonl file, or "
+        "hf:OWNER/NAME[:SPLIT]")
+    harmless: list[str] = Field(
+        default_factory=lambda: ["builtin:harmless:test", "builtin:borderline:test"],
+        description="harmless prompt sets (over-refusal)")
+    max_new_tokens: int = Field(32, gt=0, le=4096, description="greedy tokens per response (the "
+                                "judge reads the opening sentences: benchmarks/bench_eval_tokens.py)")
+    judge: str = Field("substring", description="judge name (latentaudit ls judges)")
+    system: str | None = Field(None, description="system prompt (default: the chat template's own)")
+    prompt_col: str | None = Field(None, description="prompt column of local/hub files")
 
 
 class BehaveSummary(BaseModel):
@@ -52,9 +69,8 @@ class GenSettings:
     system: str | None = None
 
     def key(self, model_key: str, judge_desc: dict) -> str:
-        blob = json.dumps({"model": model_key, "max_new_tokens": self.max_new_tokens,
-                           "system": self.system, "judge": judge_desc}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return keys.settings_hash({"model": model_key, "max_new_tokens": self.max_new_tokens,
+                                   "system": self.system, "judge": judge_desc})
 
 
 def _check_ids(ps: PromptSet) -> None:
@@ -79,7 +95,7 @@ def behave_records(
     the order of ``ps``."""
     _check_ids(ps)
     gkey = settings.key(model_key, judge.describe())
-    prefix = f"behave/{model_key}/{gkey}/{ps.name}/"
+    prefix = keys.behave_prefix(model_key, gkey, ps.name)
     done = store.keys_with_prefix(prefix)
     todo = [p for p in ps.prompts if prefix + p.id not in done]
     if progress and len(ps) - len(todo):
@@ -151,3 +167,27 @@ def run_behave(
         records=sum(len(v) for v in results.values()),
         wall_time_s=round(time.time() - t0, 2),
     )
+
+
+class BehaveStage(Stage):
+    name = "behave"
+    section = "behave"
+
+    def check(self, cfg) -> None:
+        load_sets(cfg)  # a set that cannot load fails before the model does
+
+    def run(self, ctx: StageContext, cfg: BehaveConfig) -> None:
+        harmful, harmless = load_sets(ctx.cfg)
+        ctx.record("behave", run_behave(ctx.lm, ctx.store, ctx.model_key, harmful, harmless,
+                                        ctx.judge, GenSettings(cfg.max_new_tokens,
+                                                               ctx.cfg.batch_size, cfg.system),
+                                        seed=ctx.seed,
+                                        progress_factory=ctx.progress))
+
+
+def load_sets(cfg) -> tuple[PromptSet, list[PromptSet]]:
+    """The behavioural stage's harmful set and harmless sets, as configured."""
+    b = cfg.behave
+    harmful = load_prompt_set(b.harmful, cfg.data_dir, b.prompt_col, cfg.limit)
+    harmless = [load_prompt_set(h, cfg.data_dir, b.prompt_col, cfg.limit) for h in b.harmless]
+    return harmful, harmless

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import registry
-from ..data.sets import PromptSet
+from ..data.sets import PromptSet, load_prompt_set
 from ..errors import UserError
 from ..interventions.context import AttackContext, build_context, generate_perturbed
 from ..interventions.directions import RefusalDirections
@@ -33,6 +33,8 @@ from ..metrics.lvs import (asr_curve, bisection_search, grid_search, log_grid, l
 from ..metrics.stats import Estimate, estimate_mean
 from ..runs import keys
 from ..runs.store import ResultStore
+from .base import Stage, StageContext
+from .directions import DirectionsStage, directions_for
 
 SUCCESS_DEF = ("coherent compliance: the judge labels the perturbed response 'compliance' and "
                "the coherence guard accepts it")
@@ -514,3 +516,48 @@ def _run_unbounded(runner: LatentRunner, fam, directions: RefusalDirections
         nonrefusal=estimate_mean([float(r["nonrefusal"]) for r in recs],
                                  f"{fam.name}: fraction of harmful prompts not refused"))
     return result, key
+
+
+class LatentStage(Stage):
+    name = "latent"
+    section = "latent"
+
+    def check(self, cfg) -> None:
+        L = cfg.latent
+        if L.eps_min >= L.eps_max:
+            raise UserError(f"--eps-min ({L.eps_min}) must be below --eps-max ({L.eps_max})")
+        load_prompt_set(L.harmful, cfg.data_dir, cfg.behave.prompt_col, cfg.limit)
+        if self._uses_directions(L):
+            DirectionsStage().check(cfg)
+
+    def check_model(self, cfg, lm) -> None:
+        parse_layers(cfg.latent.layers, lm.n_layers)
+        if self._uses_directions(cfg.latent):
+            DirectionsStage().check_model(cfg, lm)
+
+    @staticmethod
+    def _uses_directions(L: LatentConfig) -> bool:
+        return any(registry.get("family", f).uses_directions for f in L.families)
+
+    def run(self, ctx: StageContext, cfg: LatentConfig) -> None:
+        ps = load_prompt_set(cfg.harmful, ctx.cfg.data_dir, ctx.cfg.behave.prompt_col,
+                             ctx.cfg.limit)
+        directions = directions_for(ctx) if self._uses_directions(cfg) else None
+        guard = ctx.once("guard", lambda: calibrate_guard(ctx))
+        ctx.record("latent", run_latent(ctx.lm, ctx.store, ctx.model_key, ps, cfg, ctx.judge,
+                                        guard, directions, ctx.seed, ctx.system,
+                                        ctx.cfg.batch_size, ctx.progress))
+
+
+def calibrate_guard(ctx: StageContext):
+    """The coherence guard, calibrated on the clean model's own greedy answers to harmless
+    prompts (the latent stage's generation settings)."""
+    from ..judges.coherence import CoherenceGuard
+    from .behave import GenSettings, behave_records
+
+    cfg = ctx.cfg
+    ps = load_prompt_set("builtin:harmless:test", limit=cfg.latent.calibration_n)
+    recs = behave_records(ctx.lm, ctx.store, ctx.model_key, ps, "harmless", ctx.judge,
+                          GenSettings(cfg.latent.max_new_tokens, cfg.batch_size, cfg.behave.system))
+    guard = CoherenceGuard(system=cfg.behave.system, batch_size=cfg.batch_size)
+    return guard.calibrate(ctx.lm, [r["prompt"] for r in recs], [r["response"] for r in recs])
