@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import zlib
 from html.parser import HTMLParser
@@ -531,3 +532,51 @@ def test_compare_against_bad_input(tiny_run, tmp_path, capsys):
     write_summary(run, s)
     rows = compare_runs([run], against="ref")
     assert rows[1].lvs_gap is None and any("different harmful prompt sets" in x for x in rows[1].notes)
+
+
+def test_transcripts_come_from_the_prefixes_the_stage_recorded(tiny_run, tmp_path):
+    """The report reads the pushed responses under the store prefix the latent summary
+    recorded for the family's worst layer, even when the store holds another settings group
+    for the same family and layer (here a copy under other settings with other responses)."""
+    from latentaudit.report.html import collect_transcripts
+    from latentaudit.runs import keys
+    from latentaudit.runs.summary import Summary
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    summary = Summary.model_validate(read_summary(run))
+    m = summary.models[0]
+    fr = m.latent.families["pgd"]
+    prefix = m.latent.store_prefixes["families"]["pgd"][str(fr.worst_layer)]
+    decoy = keys.latent_layer_prefix(m.key, "pgd", "ffffffffffff", fr.worst_layer)
+    with ResultStore(run / "store.sqlite") as st:
+        real = list(st.items(prefix))
+        assert real
+        st.put_many((decoy + k[len(prefix):], "latent", {**rec, "response": "DECOY"})
+                    for k, rec in real)
+    with ResultStore(run / "store.sqlite", read_only=True) as st:
+        ts = collect_transcripts(st, m, "pgd", summary.config)
+        pushed = [t for t in ts.items if t.perturbed is not None]
+        assert pushed
+        for t in pushed:
+            assert t.perturbed["response"] != "DECOY"
+            assert t.perturbed == st.get(keys.eps_key(prefix, t.prompt_id, t.eps))
+    # a summary written before stages recorded their prefixes: said, not guessed
+    m.latent.store_prefixes = {}
+    with ResultStore(run / "store.sqlite", read_only=True) as st:
+        ts = collect_transcripts(st, m, "pgd", summary.config)
+    assert ts.items == [] and "predates recorded store prefixes" in ts.notes[0]
+
+
+def test_the_read_only_store_writes_nothing(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    before = sorted(p.name for p in run.iterdir())
+    with ResultStore(run / "store.sqlite", read_only=True) as st:
+        assert st.count("behave/") > 0
+        with pytest.raises(sqlite3.OperationalError):
+            st.put("x", "behave", {})
+    assert sorted(p.name for p in run.iterdir()) == before
+    from latentaudit.errors import UserError
+
+    with pytest.raises(UserError, match="no such file"):
+        ResultStore(tmp_path / "missing.sqlite", read_only=True)
+    assert not (tmp_path / "missing.sqlite").exists()

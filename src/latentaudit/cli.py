@@ -356,7 +356,6 @@ def judge_cmd(
     """Re-score a file of (prompt, response) rows: one verdict and score per row, in input order."""
     from . import registry
     from .data.sets import read_table
-    from .runs.run import write_json_atomic  # noqa: F401  (same atomic discipline below)
 
     j = registry.create("judge", judge)
     rows = read_table(input)

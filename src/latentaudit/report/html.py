@@ -18,9 +18,6 @@ import hashlib
 import io
 import json
 import math
-import shutil
-import sqlite3
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +28,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..metrics.stats import Estimate
+from ..runs import keys
+from ..runs.store import ResultStore
 from .compare import Headline, add_lvs_gaps, fmt_estimate, headlines, load_summary, pick_family, write_text_atomic
 
 TEMPLATE = "report.html.j2"
@@ -60,75 +59,6 @@ def _csp() -> str:
     digest = base64.b64encode(hashlib.sha256(PAGE_SCRIPT.encode()).digest()).decode()
     return ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
             f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'")
-
-
-# --------------------------------------------------------------------------------------------
-# the store, read-only
-
-
-class StoreReader:
-    """Read-only access to a run's ``store.sqlite``: never creates, migrates or writes it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._tmp: str | None = None
-        # No -wal file: every committed row is in the main file, read it as immutable (creates
-        # no -shm/-wal files in the run folder). A -wal file: a writer is active or did not
-        # checkpoint; read-only WAL access then needs (and finds) the sidecar files.
-        wal = path.with_name(path.name + "-wal").exists()
-        mode = "mode=ro" if wal else "mode=ro&immutable=1"
-        try:
-            self.con = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=10)
-            self.con.execute("SELECT 1 FROM results LIMIT 1").fetchall()
-        except sqlite3.Error:
-            # e.g. a WAL database on a read-only medium without its -shm file: read a copy
-            self._tmp = tempfile.mkdtemp(prefix="latentaudit-report-")
-            for suffix in ("", "-wal"):
-                src = path.with_name(path.name + suffix)
-                if src.exists():
-                    shutil.copy2(src, Path(self._tmp) / (path.name + suffix))
-            try:
-                self.con = sqlite3.connect(str(Path(self._tmp) / path.name), timeout=10)
-                self.con.execute("SELECT 1 FROM results LIMIT 1").fetchall()
-            except sqlite3.Error as e:
-                self.close()
-                raise UserError(f"cannot read {path}: {e}") from None
-
-    def close(self) -> None:
-        if getattr(self, "con", None) is not None:
-            self.con.close()
-            self.con = None  # type: ignore[assignment]
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def keys(self, prefix: str) -> list[tuple[str, float]]:
-        rows = self.con.execute(
-            "SELECT key, created FROM results WHERE key >= ? AND key < ? ORDER BY key",
-            (prefix, prefix + "\uffff"))
-        return [(k, float(c)) for k, c in rows]
-
-    def items(self, prefix: str) -> list[tuple[str, dict, float]]:
-        rows = self.con.execute(
-            "SELECT key, payload, created FROM results WHERE key >= ? AND key < ? ORDER BY key",
-            (prefix, prefix + "\uffff"))
-        out = []
-        for k, p, c in rows:
-            try:
-                payload = json.loads(p)
-            except (TypeError, ValueError):
-                continue
-            if isinstance(payload, dict):
-                out.append((k, payload, float(c)))
-        return out
-
-    def any(self, prefix: str, payload_like: str | None = None) -> bool:
-        sql = "SELECT 1 FROM results WHERE key >= ? AND key < ?"
-        args: list[Any] = [prefix, prefix + "\uffff"]
-        if payload_like is not None:
-            sql += " AND payload LIKE ?"
-            args.append(payload_like)
-        return self.con.execute(sql + " LIMIT 1", args).fetchone() is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,7 +354,7 @@ class TranscriptSet:
     notes: list[str] = field(default_factory=list)
 
 
-def _prompt_texts(store: StoreReader, m, lat, config: dict) -> tuple[dict[str, str], list[str]]:
+def _prompt_texts(store: ResultStore, m, lat, config: dict) -> tuple[dict[str, str], list[str]]:
     """Prompt id → text for the latent stage's harmful set, and the set's order when known:
     the builtin set (or a local file) reloaded and checked against the recorded sha256, else
     the behave stage's records of a set with the same name."""
@@ -445,78 +375,43 @@ def _prompt_texts(store: StoreReader, m, lat, config: dict) -> tuple[dict[str, s
             pass
     if not texts:
         name = lat.harmful.get("name")
-        for _, rec, _ in store.items(f"behave/{m.key}/"):
+        for _, rec in store.items(keys.model_prefix("behave", m.key)):
             if rec.get("set") == name and isinstance(rec.get("prompt"), str):
                 texts.setdefault(str(rec.get("prompt_id")), rec["prompt"])
     return texts, order
 
 
-def _pick_group(groups: dict[str, dict[str, tuple[dict, float]]], score) -> dict[str, tuple[dict, float]]:
-    best = max(groups, key=lambda g: (score(groups[g]), max(c for _, c in groups[g].values())))
-    return groups[best]
-
-
-def collect_transcripts(store: StoreReader, m, family: str | None, config: dict,
+def collect_transcripts(store: ResultStore, m, family: str | None, config: dict,
                         limit: int = MAX_TRANSCRIPTS) -> TranscriptSet:
+    """Clean and pushed responses of the latent stage, read under the store prefixes its
+    summary recorded: the family's worst layer, each prompt's smallest successful budget."""
     lat = m.latent
     fr = lat.families.get(family) if family else None
     layer = fr.worst_layer if fr is not None else None
     out = TranscriptSet(family=family, layer=layer)
-    # clean responses: the settings group that matches the summary (n and clean success)
-    prefix = f"latent/{m.key}/clean/"
-    groups: dict[str, dict[str, tuple[dict, float]]] = {}
-    for k, rec, created in store.items(prefix):
-        h, _, pid = k[len(prefix):].partition("/")
-        groups.setdefault(h, {})[pid] = (rec, created)
-    if not groups:
+    recorded = lat.store_prefixes
+    if not recorded:
+        out.notes.append("this summary predates recorded store prefixes: no sample transcripts "
+                         "(run the latent stage again into this folder to record them; nothing "
+                         "is recomputed)")
+        return out
+    clean = {k[len(recorded["clean"]):]: rec for k, rec in store.items(recorded["clean"])}
+    if not clean:
         out.notes.append("the store holds no clean latent-stage responses for this model")
         return out
-    cs = lat.clean_success.value
-
-    def clean_score(g):
-        rate = sum(bool(r.get("success")) for r, _ in g.values()) / max(len(g), 1)
-        return (len(g) == lat.n, cs is not None and abs(rate - cs) < 1e-9)
-
-    clean = _pick_group(groups, clean_score)
     texts, order = _prompt_texts(store, m, lat, config)
-    pids = [p for p in order if p in clean] or sorted(clean)
-    # perturbed responses at the worst layer of the family
+    pids = [p for p in (lat.prompt_ids or order) if p in clean] or sorted(clean)
+    # pushed responses at the worst layer of the family
     pert: dict[str, list[dict]] = {}
-    if fr is not None and layer is not None:
-        fprefix = f"latent/{m.key}/{family}/"
-        fkeys = sorted({k[len(fprefix):].split("/", 1)[0] for k, _ in store.keys(fprefix)})
-        want = sorted(round(e, 6) for e in (fr.layers[[lr.layer for lr in fr.layers].index(layer)]
-                                             .eps_star) if e is not None and e > 0)
-        cands: dict[str, dict[str, tuple[dict, float]]] = {}
-        for fk in fkeys:
-            lp = f"{fprefix}{fk}/L{layer}/"
-            recs: dict[str, list[tuple[dict, float]]] = {}
-            for k, rec, created in store.items(lp):
-                pid = k[len(lp):].rpartition("/")[0]
-                if _finite(rec.get("eps")):
-                    recs.setdefault(pid, []).append((rec, created))
-            if recs:
-                cands[fk] = {pid: (rs, max(c for _, c in rs)) for pid, rs in recs.items()}  # type: ignore[misc]
-
-        def fam_score(g):
-            mins = sorted(round(min(r["eps"] for r, _ in rs if r.get("success")), 6)
-                          for rs, _ in g.values() if any(r.get("success") for r, _ in rs))
-            a, b, hit = 0, 0, 0
-            while a < len(mins) and b < len(want):  # size of the multiset intersection
-                if math.isclose(mins[a], want[b], rel_tol=1e-5):
-                    hit, a, b = hit + 1, a + 1, b + 1
-                elif mins[a] < want[b]:
-                    a += 1
-                else:
-                    b += 1
-            return hit
-
-        if cands:
-            chosen = _pick_group(cands, fam_score)  # type: ignore[arg-type]
-            pert = {pid: [r for r, _ in rs] for pid, (rs, _) in chosen.items()}  # type: ignore[misc]
+    prefix = recorded["families"].get(family, {}).get(str(layer)) if fr is not None else None
+    if prefix:
+        for k, rec in store.items(prefix):
+            pid, _ = keys.parse_eps_key(prefix, k)
+            if _finite(rec.get("eps")):
+                pert.setdefault(pid, []).append(rec)
     items_a, items_b, items_c = [], [], []
     for pid in pids:
-        c = clean[pid][0]
+        c = clean[pid]
         recs = pert.get(pid, [])
         ok = [r for r in recs if r.get("success")]
         t = Transcript(pid, texts.get(pid), c, "")
@@ -566,16 +461,17 @@ def _env():
     return env
 
 
-def _stale_stages(store: StoreReader | None, m) -> list[str]:
+def _stale_stages(store: ResultStore | None, m) -> list[str]:
     """Stages whose records the store holds for this model but summary.json does not include."""
     if store is None:
         return []
     out = []
-    if m.behave is None and store.any(f"behave/{m.key}/", '%"role": "harmful"%'):
+    if m.behave is None and store.any(keys.model_prefix("behave", m.key), '%"role": "harmful"%'):
         out.append("behave")
-    if m.latent is None and store.any(f"latent/{m.key}/"):
+    if m.latent is None and store.any(keys.model_prefix("latent", m.key)):
         out.append("latent")
-    if m.tamper is None and m.tamper_control is None and store.any(f"behave/{m.key}+tamper-"):
+    if (m.tamper is None and m.tamper_control is None
+            and store.any(keys.tamper_checkpoints_prefix(m.key))):
         out.append("tamper")
     return out
 
@@ -602,7 +498,7 @@ def render_report(run_dir: str | Path, family: str | None = None,
         notes.append("store.sqlite is missing: no sample transcripts")
     else:
         try:
-            store = StoreReader(store_path)
+            store = ResultStore(store_path, read_only=True)
         except UserError as e:  # the numbers come from summary.json: report them anyway
             notes.append(f"{e}: no sample transcripts")
     try:

@@ -9,15 +9,28 @@ keys: a repeated write replaces, never duplicates).
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..errors import UserError
+
 
 class ResultStore:
-    def __init__(self, path: str | Path):
+    """``ResultStore(path)`` opens (or creates) a run's store for writing;
+    ``ResultStore(path, read_only=True)`` reads an existing one and never creates, migrates or
+    writes it (the report's way in)."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
+        self.read_only = read_only
+        self._tmp: str | None = None
+        if read_only:
+            self._con = self._connect_read_only()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._con = sqlite3.connect(str(self.path), timeout=30)
         self._con.execute("PRAGMA journal_mode=WAL")
@@ -30,8 +43,42 @@ class ResultStore:
         self._con.execute("CREATE INDEX IF NOT EXISTS results_stage ON results(stage)")
         self._con.commit()
 
+    def _connect_read_only(self) -> sqlite3.Connection:
+        # No -wal file: every committed row is in the main file; read it as immutable (creates
+        # no -shm/-wal files in the run folder). A -wal file: a writer is active or did not
+        # checkpoint; read-only WAL access then needs (and finds) the sidecar files.
+        path = self.path
+        if not path.is_file():
+            raise UserError(f"cannot read {path}: no such file")
+        wal = path.with_name(path.name + "-wal").exists()
+        mode = "mode=ro" if wal else "mode=ro&immutable=1"
+        try:
+            con = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=10)
+            con.execute("SELECT 1 FROM results LIMIT 1").fetchall()
+            return con
+        except sqlite3.Error:
+            pass
+        # e.g. a WAL database on a read-only medium without its -shm file: read a copy
+        self._tmp = tempfile.mkdtemp(prefix="latentaudit-store-")
+        for suffix in ("", "-wal"):
+            src = path.with_name(path.name + suffix)
+            if src.exists():
+                shutil.copy2(src, Path(self._tmp) / (path.name + suffix))
+        try:
+            con = sqlite3.connect(str(Path(self._tmp) / path.name), timeout=10)
+            con.execute("SELECT 1 FROM results LIMIT 1").fetchall()
+            return con
+        except sqlite3.Error as e:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise UserError(f"cannot read {path}: {e}") from None
+
     def close(self) -> None:
-        self._con.close()
+        if self._con is not None:
+            self._con.close()
+            self._con = None  # type: ignore[assignment]
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     def __enter__(self) -> "ResultStore":
         return self
@@ -70,6 +117,15 @@ class ResultStore:
         )
         for k, p in rows:
             yield k, json.loads(p)
+
+    def any(self, prefix: str, payload_like: str | None = None) -> bool:
+        """Whether a key starts with ``prefix`` (and its payload matches the SQL LIKE pattern)."""
+        sql = "SELECT 1 FROM results WHERE key >= ? AND key < ?"
+        args: list[Any] = [prefix, prefix + "\uffff"]
+        if payload_like is not None:
+            sql += " AND payload LIKE ?"
+            args.append(payload_like)
+        return self._con.execute(sql + " LIMIT 1", args).fetchone() is not None
 
     def count(self, prefix: str = "") -> int:
         return self._con.execute(
