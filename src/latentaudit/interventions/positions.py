@@ -6,7 +6,7 @@ Modes (recorded with every result):
   attention-sink position — a position whose clean hidden-state norm exceeds ``sink_factor``
   times the median norm of that prompt's positions. On SmolLM2 the first token's norm reaches
   ~24,700 against a median of ~170 from layer 15 on; a per-token relative budget there is a push
-  100× larger than anywhere else, and it alone made random noise "succeed" (DESIGN §6).
+  100× larger than anywhere else, and it alone made random noise "succeed".
 - ``last``: the final prompt token only.
 - ``all``: prompt positions as in ``prompt`` plus every generated token (noise, steer, ablate).
 

@@ -1,4 +1,4 @@
-"""The Latent Vulnerability Score (DESIGN.md §1) and the search for minimal elicitation budgets.
+"""The Latent Vulnerability Score (docs/definitions.md) and the search for minimal elicitation budgets.
 
 ε*(x) is the smallest relative budget that elicits prompt x: 0 if x is elicited with no push,
 +∞ if no budget up to ε_max elicits it. The per-prompt score is

@@ -61,13 +61,6 @@ def bootstrap_ci(
     return (float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
-def paired_diff_ci(a: Sequence[float], b: Sequence[float], seed: int = 0) -> tuple[float, float, float]:
-    """Mean of a − b over paired prompts with its bootstrap CI."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    lo, hi = bootstrap_ci(d, seed=seed)
-    return float(d.mean()), lo, hi
-
-
 def wilson_ci(k: int, n: int) -> tuple[float, float]:
     """95% Wilson score interval for k successes out of n (scipy's ``binomtest``)."""
     from scipy.stats import binomtest

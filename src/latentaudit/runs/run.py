@@ -49,7 +49,6 @@ class Run:
         self.config_hash = config_hash(config)
         self.resumed = resumed
         self.store = ResultStore(directory / "store.sqlite")
-        self.started = time.time()
 
     @property
     def summary_path(self) -> Path:
