@@ -211,21 +211,6 @@ def test_set_parses_recipe_parameters():
     assert _recipe_param(Abliterated, "n_directions=3") == ("n_directions", 3)
 
 
-def test_first_token_mass_is_the_softmax_at_the_first_answer_position(tiny_lm):
-    from latentaudit.training import Example, collate, token_nll
-
-    ex = [Example([5, 6, 7, 8, 9], 3), Example([5, 6, 10, 11], 2)]
-    batch = collate(ex, tiny_lm.tokenizer.pad_token_id or 0, "cpu")
-    ids = torch.tensor([8, 11, 12])
-    nll, n, p = token_nll(tiny_lm.model, batch, ids)
-    logits = tiny_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"]).logits.float()
-    # row 0 answers from position 3: its first answer token is predicted at position 2
-    want = [torch.softmax(logits[0, 2], -1)[ids].sum(), torch.softmax(logits[1, 1], -1)[ids].sum()]
-    assert torch.allclose(p, torch.stack(want), atol=1e-6)
-    assert n.tolist() == [2, 2]
-
-
 def test_contrast_term_makes_the_answer_beat_the_refusal(tiny_lm):
     """The sequence-level contrast widens lp(answer) − lp(refusal) on harmless prompts beyond
     what the plain retain loss does (both mean token log-probs)."""
@@ -298,8 +283,8 @@ def test_push_effect_hinge_rewards_the_gain_of_the_push(tiny_lm):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "phi3", "gemma2"])
 def test_token_nll_with_a_trimmed_head_equals_the_full_computation(family):
-    """token_nll runs the LM head only from the first label on; per-row NLL sums, counts and
-    first-answer-token mass equal those of the full logits, and so do the gradients."""
+    """token_nll runs the LM head only from the first label on; per-row NLL sums and counts
+    equal those of the full logits, and so do the gradients."""
     from latentaudit.models.tiny import tiny_model
     from latentaudit.training import Example, collate, token_nll
 
@@ -307,8 +292,7 @@ def test_token_nll_with_a_trimmed_head_equals_the_full_computation(family):
     ex = [Example([5, 6, 7, 8, 9, 10, 11], 4), Example([5, 6, 10, 11, 12], 2),
           Example([5, 6, 7, 8, 9, 10], 5)]
     batch = collate(ex, 0, "cpu")
-    ids = torch.tensor([8, 11, 12])
-    nll, n, p = token_nll(model, batch, ids)
+    nll, n = token_nll(model, batch)
     nll.sum().backward()
     got = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
     model.zero_grad()
@@ -321,9 +305,6 @@ def test_token_nll_with_a_trimmed_head_equals_the_full_computation(family):
     want.sum().backward()
     assert n.tolist() == valid.sum(-1).tolist() == [3, 3, 1]
     assert torch.allclose(nll, want, atol=1e-5)
-    first = valid.float().argmax(-1)
-    pw = torch.softmax(logits[torch.arange(3), first], -1)[:, ids].sum(-1)
-    assert torch.allclose(p, pw, atol=1e-6)
     for k, v in model.named_parameters():
         if v.grad is not None:
             assert torch.allclose(got[k], v.grad, atol=1e-5), k
@@ -332,8 +313,8 @@ def test_token_nll_with_a_trimmed_head_equals_the_full_computation(family):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "phi3", "gemma2"])
 def test_token_nll_with_a_shared_prefix_equals_whole_rows(family):
     """share_prefix runs the rows' common opening once: the prefix found is the longest one
-    that stops before the first needed logits, and NLLs, counts, first-token mass and gradients
-    equal those of whole rows."""
+    that stops before the first needed logits, and NLLs, counts and gradients equal those of
+    whole rows."""
     from latentaudit.models.tiny import tiny_model
     from latentaudit.training import Example, collate, common_prefix_length, token_nll
 
@@ -344,17 +325,16 @@ def test_token_nll_with_a_shared_prefix_equals_whole_rows(family):
     assert common_prefix_length(batch) == 3  # rows differ at 3; the earliest label is at 4
     assert common_prefix_length(collate(ex[:3], 0, "cpu")) == 4
     assert common_prefix_length(collate(ex[:1], 0, "cpu")) == 0
-    ids = torch.tensor([8, 11, 12])
     res = {}
     for share in (False, True):
         model.zero_grad()
-        nll, n, p = token_nll(model, batch, ids, share_prefix=share)
-        (nll.sum() + p.sum()).backward()
-        res[share] = (nll.detach(), n, p.detach(),
+        nll, n = token_nll(model, batch, share_prefix=share)
+        nll.sum().backward()
+        res[share] = (nll.detach(), n,
                       {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None})
-    (a_nll, a_n, a_p, a_g), (b_nll, b_n, b_p, b_g) = res[False], res[True]
+    (a_nll, a_n, a_g), (b_nll, b_n, b_g) = res[False], res[True]
     assert a_n.tolist() == b_n.tolist()
-    assert torch.allclose(a_nll, b_nll, atol=1e-5) and torch.allclose(a_p, b_p, atol=1e-6)
+    assert torch.allclose(a_nll, b_nll, atol=1e-5)
     assert a_g.keys() == b_g.keys() and a_g
     for k in a_g:
         assert torch.allclose(a_g[k], b_g[k], atol=1e-5), k
