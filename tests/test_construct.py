@@ -175,27 +175,27 @@ def test_retain_drops_answers_the_judge_calls_refusals(monkeypatch, tiny_lm):
     assert recipes._retain(tiny_lm, env, ps, 8) == (["question 0"], [answers["p0"]], ["p0"])
 
 
-def test_paired_terms_draw_the_same_prompts_every_step(monkeypatch, tiny_lm):
+def test_paired_terms_draw_the_same_prompts_every_step(tiny_lm):
+    """pair_with: a term takes its partner's batch every step. Two terms on the same examples,
+    one paired with the other, record the same loss at every step (same batch, same weights);
+    an unpaired third draws its own batches and does not; a partner with other prompts is
+    refused."""
     import copy
 
     from latentaudit.construct import train
     from latentaudit.models.loader import LoadedModel
 
-    seen: dict[str, list] = {"a": [], "b": [], "c": []}
-
-    def fake_loss(lm, t, idx, rng, seed):
-        seen[t.name].append(list(idx))
-        return sum(p.sum() for p in lm.model.parameters() if p.requires_grad) * 0.0
-
-    monkeypatch.setattr(train, "_term_loss", fake_loss)
     prompts = [f"prompt {i}" for i in range(7)]
+    targets = [" ".join(["word"] * (i + 1)) + f" {i}" for i in range(7)]  # per-example losses differ
     lm = LoadedModel(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, tiny_lm.spec, dict(tiny_lm.info))
-    terms = [train.Term("a", prompts, ["x"] * 7, batch_size=3),
-             train.Term("b", prompts, ["y"] * 7, batch_size=3, pair_with="a"),
-             train.Term("c", prompts, ["z"] * 7, batch_size=3)]
-    train.train_terms(lm, terms, steps=4, lr=1e-3, rank=2, alpha=4)
-    assert seen["a"] == seen["b"] and seen["a"] != seen["c"] and len(seen["a"]) == 4
-    bad = [train.Term("a", prompts, ["x"] * 7), train.Term("b", prompts[::-1], ["y"] * 7, pair_with="a")]
+    terms = [train.Term("a", prompts, targets, batch_size=3),
+             train.Term("b", prompts, targets, batch_size=3, pair_with="a"),
+             train.Term("c", prompts, targets, batch_size=3)]
+    hist = train.train_terms(lm, terms, steps=4, lr=1e-3, rank=2, alpha=4)["history"]
+    assert len(hist) == 4
+    assert all(h["loss"]["a"] == h["loss"]["b"] for h in hist)
+    assert any(h["loss"]["a"] != h["loss"]["c"] for h in hist)
+    bad = [train.Term("a", prompts, targets), train.Term("b", prompts[::-1], targets, pair_with="a")]
     with pytest.raises(ValueError, match="same prompts"):
         train.train_terms(lm, bad, steps=1, lr=1e-3, rank=2, alpha=4)
 
