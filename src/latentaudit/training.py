@@ -123,13 +123,10 @@ def _forward_logits(model, batch: dict[str, torch.Tensor], keep: int, shared: in
     return logits[:, -keep:]
 
 
-def token_nll(model, batch: dict[str, torch.Tensor], first_token_ids: torch.Tensor | None = None,
-              share_prefix: bool = False):
-    """(sum of target-token NLL per row, number of target tokens per row); with
-    ``first_token_ids`` also the probability mass those tokens get at each row's first target
-    position (e.g. the tokens that open refusals). ``share_prefix``: run the rows' common
-    prefix once (same loss and gradients; not under hooks that perturb every position of the
-    batch, which expect whole rows)."""
+def token_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = False):
+    """(sum of target-token NLL per row, number of target tokens per row). ``share_prefix``:
+    run the rows' common prefix once (same loss and gradients; not under hooks that perturb
+    every position of the batch, which expect whole rows)."""
     labels = batch["labels"]
     width = labels.shape[1]
     has = (labels != -100).any(0)
@@ -145,13 +142,7 @@ def token_nll(model, batch: dict[str, torch.Tensor], first_token_ids: torch.Tens
         logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1).clamp(min=0), reduction="none"
     ).view_as(tgt)
     valid = (tgt != -100)
-    if first_token_ids is None:
-        return (nll * valid).sum(-1), valid.sum(-1)
-    first = valid.float().argmax(-1)  # the first target position of each row
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    logp = torch.log_softmax(logits[rows, first], dim=-1)
-    p_first = logp[:, first_token_ids.to(logp.device)].exp().sum(-1)
-    return (nll * valid).sum(-1), valid.sum(-1), p_first
+    return (nll * valid).sum(-1), valid.sum(-1)
 
 
 def batch_stream(n: int, batch_size: int, seed: int):

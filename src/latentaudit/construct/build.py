@@ -59,10 +59,7 @@ def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
         "train splits, plus `extra_harmful` where set; the last val_n built-in train prompts "
         "held out for validation)",
         f"- training: {details.get('steps_run', 0)} steps, {details.get('train_time_s', 0)} s; "
-        f"total build {wall:.0f} s"
-        + (f"; adapters kept from step {details['kept_step']} (best held-out val refusal)"
-           if details.get("kept_step", details.get("steps_run")) != details.get("steps_run")
-           else ""), "",
+        f"total build {wall:.0f} s", "",
         *([f"- rescale: the refusal direction(s) of layer(s) {details['rescale']['direction_layers']} "
            f"(a {details['rescale']['subspace_dim']}-dimensional subspace) written "
            f"{details['rescale']['k']:g}× quieter into the residual stream and read "
