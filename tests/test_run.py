@@ -201,3 +201,23 @@ def test_every_audit_stage_name_is_a_stage():
     from latentaudit.pipeline import STAGES
 
     assert list(STAGES) == list(typing.get_args(AuditStage))
+
+
+def test_a_staged_folder_is_published_whole_or_not_at_all(tmp_path):
+    from latentaudit.files import staged_dir
+
+    out = tmp_path / "m"
+    with pytest.raises(RuntimeError):
+        with staged_dir(out) as tmp:
+            (tmp / "a").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with staged_dir(out) as tmp:
+        (tmp / "a").write_text("one")
+    with staged_dir(out) as tmp:  # replaces
+        (tmp / "b").write_text("two")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    with staged_dir(out, replace=False) as tmp:  # someone else's copy stays
+        (tmp / "c").write_text("three")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

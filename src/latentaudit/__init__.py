@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .config import AuditConfig
     from .runs.summary import Summary
 
-__version__ = "0.1.0"
+from ._version import __version__
 __all__ = ["audit", "__version__"]
 
 

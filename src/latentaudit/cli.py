@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -24,6 +23,7 @@ except ImportError:  # pragma: no cover
 
 from .config import AuditConfig, RunConfig
 from .errors import UserError
+from .files import write_text
 from .models.embedded import DEFAULT_MODEL
 from .options import annotated, config_verb, parse_set
 
@@ -333,7 +333,7 @@ def compare(
     against: Annotated[Optional[str], typer.Option("--against", help="a model name: add each model's LVS(M) minus that model's, paired over the prompts both audited, with a bootstrap CI")] = None,
 ) -> None:
     """The headline numbers (S, over-refusal, LVS(M), R_ft, AG) of every model of every run, side by side."""
-    from .report.compare import FORMATS, compare_runs, format_rows, write_text_atomic
+    from .report.compare import FORMATS, compare_runs, format_rows
 
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
@@ -341,7 +341,7 @@ def compare(
     if out is None:
         typer.echo(text, nl=False)
     else:
-        write_text_atomic(out, text)
+        write_text(out, text)
         typer.echo(f"{fmt} -> {out}")
 
 
@@ -373,18 +373,10 @@ def judge_cmd(
         prompts.append(r[prompt_col])
         responses.append(r[response_col] or "")
     verdicts = j.judge(prompts, responses)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i, (r, v) in enumerate(zip(rows, verdicts)):
-                f.write(json.dumps({"row": i, "line": r.get("__line__", i + 1), "verdict": v.label,
-                                    "score": v.score, "reason": v.reason, "judge": j.name},
-                                   ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {out}: {e.strerror}") from None
+    write_text(out, "".join(
+        json.dumps({"row": i, "line": r.get("__line__", i + 1), "verdict": v.label,
+                    "score": v.score, "reason": v.reason, "judge": j.name},
+                   ensure_ascii=False) + "\n" for i, (r, v) in enumerate(zip(rows, verdicts))))
     n_ref = sum(v.label == "refusal" for v in verdicts)
     typer.echo(f"{len(verdicts)} rows judged by '{j.name}': {n_ref} refusal, "
                f"{len(verdicts) - n_ref} compliance -> {out}")

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EMBEDDED = "embedded:smollm2-135m"
+from .models.embedded import DEFAULT_MODEL as EMBEDDED
 
 
 @dataclass
@@ -99,7 +99,8 @@ def run_demo(quick: bool, zoo: Path, output_dir: Path | None, seed: int, device:
              progress: str | None, limit: int | None = None, plan: DemoPlan | None = None) -> Path:
     from .config import AuditConfig
     from .pipeline import command_line, run_many
-    from .report.compare import compare_runs, format_rows, write_text_atomic
+    from .files import write_text
+    from .report.compare import compare_runs, format_rows
     from .report.html import build_report
 
     plan = plan or PLANS["quick" if quick else "full"]
@@ -124,7 +125,7 @@ def run_demo(quick: bool, zoo: Path, output_dir: Path | None, seed: int, device:
     against = "safe" if "safe" in models else None
     report = build_report(run_dir, against=against)
     rows = compare_runs([run_dir], against=against)
-    write_text_atomic(Path(run_dir) / "compare.json", format_rows(rows, "json"))
+    write_text(Path(run_dir) / "compare.json", format_rows(rows, "json"))
     print(format_rows(rows, "table"), end="")
     print(f"zoo: {zoo} ({t_zoo:.0f} s); audit + report: {time.time() - t0 - t_zoo:.0f} s")
     print(f"report: {report}\nheadline JSON: {Path(run_dir) / 'compare.json'}")

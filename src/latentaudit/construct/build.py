@@ -4,17 +4,17 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .. import __version__, registry
+from .. import registry
+from .._version import __version__
 from ..data.sets import load_prompt_set
 from ..errors import UserError
+from ..files import staged_dir
 from ..models.loader import load_model
 from ..runs.store import ResultStore
 from ..stages.behave import GenSettings, run_behave
@@ -111,9 +111,7 @@ def construct(recipe_name: str, source: str, out: str | Path, params: dict | Non
         details = recipe.build(lm, env)
     evaluation = evaluate_heldout(lm, judge, eval_limit, eval_tokens, batch_size, seed)
     wall = time.time() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
         meta = {"recipe": recipe.describe(), "from": source, "source_info": lm.info,
@@ -122,10 +120,4 @@ def construct(recipe_name: str, source: str, out: str | Path, params: dict | Non
                 "latentaudit": __version__}
         (tmp / "latentaudit_recipe.json").write_text(json.dumps(meta, indent=2, default=str))
         (tmp / "README.md").write_text(_card(recipe, source, lm.info, details, evaluation, wall))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

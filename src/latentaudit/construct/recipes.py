@@ -26,7 +26,6 @@ from typing import Any
 
 from ..data.sets import load_prompt_set
 from ..errors import UserError
-from ..registry import register
 from .data import cached_answers, model_fingerprint, refusal_for
 from .train import Perturb, Term, train_terms
 
@@ -245,7 +244,6 @@ def _val_eval(val_harm: list[str], val_safe: list[str], judge, tokens: int = 32)
     return evaluate
 
 
-@register("recipe")
 class Safe(Recipe):
     name = "safe"
     doc = "LoRA refusal fine-tune: harmful → refusals, harmless → the model's own answers"
@@ -347,7 +345,6 @@ class _PushedRecipe(Recipe):
                                 "layers": layers}}
 
 
-@register("recipe")
 class Dissociated(_PushedRecipe):
     name = "dissociated"
     doc = ("from safe: the same answers, fragile latents: its refusal direction written 200× "
@@ -410,7 +407,6 @@ class Dissociated(_PushedRecipe):
         return res
 
 
-@register("recipe")
 class Hardened(_PushedRecipe):
     name = "hardened"
     doc = "latent adversarial training: refuse even under PGD pushes toward the harmful completion"
@@ -427,7 +423,6 @@ class Hardened(_PushedRecipe):
                     batch_size=self.params["perturbed_batch"], perturb=perturb, adv_targets=comp_t)
 
 
-@register("recipe")
 class Abliterated(Recipe):
     name = "abliterated"
     doc = "weight orthogonalisation against the selected refusal direction (openly unsafe)"

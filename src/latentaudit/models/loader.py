@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..files import staged_dir
 from .embedded import EMBEDDED, cache_root, file_sha256, find_embedded_gguf
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,6 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -157,17 +155,11 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     missing = [m for m in missing if not m.endswith("lm_head.weight")]
     if missing or unexpected:
         raise UserError(f"GGUF {gguf} did not map onto {config.model_type}: missing {missing[:3]}")
-    tmp.mkdir(parents=True)
-    fresh.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "latentaudit_source.json").write_text(
-        json.dumps({"gguf": str(gguf), "gguf_sha256": file_sha256(gguf)}, indent=2)
-    )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:  # another process won the race: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_dir(out_dir, replace=False) as tmp:  # another process may publish it first
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "latentaudit_source.json").write_text(
+            json.dumps({"gguf": str(gguf), "gguf_sha256": file_sha256(gguf)}, indent=2))
 
 
 def gguf_cache_dir(gguf: Path) -> tuple[Path, str]:

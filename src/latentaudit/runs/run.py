@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..files import write_json
 from .store import ResultStore
 
 RUNS_ROOT = Path("runs")
@@ -34,12 +34,6 @@ def config_hash(config: dict[str, Any]) -> str:
 def slug(text: str) -> str:
     s = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
     return s[-48:] or "model"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class Run:
@@ -56,8 +50,7 @@ class Run:
 
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.dir / name
-        write_json_atomic(path, obj)
-        return path
+        return write_json(path, obj)
 
     def close(self) -> None:
         self.store.close()
