@@ -401,7 +401,7 @@ class Dissociated(_PushedRecipe):
                                          int(self.params["rescale_directions"]),
                                          cache=int(self.params["steps"]) == 0)
             dim = rescale_subspace(lm, [d.unit(l) for l in layers], k)
-            lm._parts = None
+            lm.set_model(lm.model)  # the head was untied: locate the parts again
             res["rescale"] = {"k": k, "direction_layers": layers, "subspace_dim": dim,
                               "selection": {a: b for a, b in d.meta.items() if a != "selection"}}
         return res

@@ -144,8 +144,7 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
     merged.eval()
     for p in merged.parameters():
         p.requires_grad_(False)
-    lm.model = merged
-    lm._parts = None
+    lm.set_model(merged)
     return {"steps_run": step, "kept_step": step, "history": history,
             "train_time_s": round(time.time() - t0, 1),
             "lora": {"r": rank, "alpha": alpha,

@@ -55,6 +55,11 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
     _parts: Any = None
 
+    def set_model(self, model) -> None:
+        """Swap in ``model`` (a merged or edited copy): its parts are located again on next use."""
+        self.model = model
+        self._parts = None
+
     @property
     def parts(self):
         if self._parts is None:
