@@ -204,3 +204,12 @@ def test_set_reaches_a_field_without_a_flag(tmp_path):
     assert list(lat["families"]["noise"]["layers"][0]["asr_fixed"]) == ["0.1"]
     cfg = json.loads((out / "config.json").read_text())["config"]
     assert cfg["latent"]["calibration_n"] == 4
+
+
+def test_list_flags_take_commas_and_repeats(tmp_path):
+    out = tmp_path / "r"
+    assert main(["behave", "--model", "tiny:llama", "--limit", "2", "-o", str(out),
+                 "--progress", "none", "--max-new-tokens", "2",
+                 "--harmless", "builtin:harmless:test", "--harmless", "builtin:borderline:test"]) == 0
+    b = json.loads((out / "summary.json").read_text())["models"][0]["behave"]
+    assert list(b["over_refusal"]) == ["builtin:harmless:test", "builtin:borderline:test"]

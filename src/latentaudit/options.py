@@ -47,7 +47,7 @@ def _flag_type(ann) -> tuple[type, str]:
     if origin is Literal:
         return str, "one of " + ", ".join(map(str, typing.get_args(ann)))
     if origin is list:
-        return str, "comma-separated"
+        return list[str], "comma-separated or repeated"
     if ann in (int, float, str, bool):
         return ann, ""
     return str, ""
@@ -76,7 +76,8 @@ def option(model: type[BaseModel], path: str, flag: str | None = None, *short: s
     decls = [flag, *short]
     if typ is bool:
         decls = [f"{flag}/--no-{flag[2:]}", *short]
-    ptype = Annotated[Optional[typ], typer.Option(*decls, help=help_, show_default=False)]
+    extra = {"metavar": "<str,...>"} if typ is list[str] else {}
+    ptype = Annotated[Optional[typ], typer.Option(*decls, help=help_, show_default=False, **extra)]
     return pname, inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY, default=None,
                                     annotation=ptype)
 
@@ -135,10 +136,8 @@ def config_verb(app: typer.Typer, name: str, model: type[BaseModel],
             over: dict[str, Any] = {}
             for pname, path in paths.items():
                 v = kw.pop(pname)
-                f, ann = field_of(model, path)
-                if isinstance(v, str) and typing.get_origin(
-                        _strip_optional(ann)) is list:
-                    v = [x.strip() for x in v.split(",") if x.strip()]
+                if isinstance(v, list):  # repeated, each comma-separated
+                    v = [x.strip() for item in v for x in item.split(",") if x.strip()]
                 if isinstance(v, Path):
                     v = str(v)
                 over[path] = v
@@ -153,10 +152,3 @@ def config_verb(app: typer.Typer, name: str, model: type[BaseModel],
         return body
 
     return deco
-
-
-def _strip_optional(ann):
-    args = [a for a in typing.get_args(ann) if a is not type(None)]
-    if typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return ann
