@@ -30,7 +30,7 @@ def test_safe_raises_refusal_over_base(embedded_lm, embedded_safe, tmp_path):
 def test_latent_sweep_end_to_end(embedded_safe, tmp_path):
     from latentaudit.judges.coherence import CoherenceGuard
     from latentaudit.models.generate import greedy_generate
-    from latentaudit.stages.latent import LatentConfig, run_latent
+    from latentaudit.stages.latent import LatentConfig, LatentRunner, run_latent
 
     lm = embedded_safe[0]
     ps = load_prompt_set("builtin:harmful:test", limit=4)
@@ -39,8 +39,8 @@ def test_latent_sweep_end_to_end(embedded_safe, tmp_path):
     cfg = LatentConfig(layers="15", families=["pgd", "noise"],
                        family_params={"pgd": {"steps": 4}, "noise": {"draws": 1}},
                        rel_tol=3.0, max_new_tokens=16)
-    s = run_latent(lm, ResultStore(tmp_path / "s.sqlite"), "safe", ps, cfg, SubstringJudge(),
-                   guard, None)
+    s = run_latent(LatentRunner(lm, ResultStore(tmp_path / "s.sqlite"), "safe", ps, cfg,
+                                SubstringJudge(), guard))
     pgd, noise = s.families["pgd"], s.families["noise"]
     for fr in (pgd, noise):
         assert [lr.layer for lr in fr.layers] == [15]

@@ -415,7 +415,7 @@ def test_latent_stage_end_to_end_and_resume(tiny_lm, tmp_path, dirs):
     from latentaudit.judges.base import Judge, Verdict
     from latentaudit.judges.coherence import CoherenceGuard
     from latentaudit.runs.store import ResultStore
-    from latentaudit.stages.latent import LatentConfig, run_latent
+    from latentaudit.stages.latent import LatentConfig, LatentRunner, run_latent
 
     class HalfJudge(Judge):
         """Refuses unless the response's first token id is odd: makes ε* non-trivial."""
@@ -430,9 +430,9 @@ def test_latent_stage_end_to_end_and_resume(tiny_lm, tmp_path, dirs):
                        family_params={"pgd": {"steps": 2}, "noise": {"draws": 2}})
     guard = CoherenceGuard(min_logprob=-1e9)
     store = ResultStore(tmp_path / "s.sqlite")
-    s1 = run_latent(tiny_lm, store, "tiny", ps, cfg, HalfJudge(), guard, dirs)
+    s1 = run_latent(LatentRunner(tiny_lm, store, "tiny", ps, cfg, HalfJudge(), guard), dirs)
     n1 = store.count("latent/")
-    s2 = run_latent(tiny_lm, store, "tiny", ps, cfg, HalfJudge(), guard, dirs)
+    s2 = run_latent(LatentRunner(tiny_lm, store, "tiny", ps, cfg, HalfJudge(), guard), dirs)
     assert store.count("latent/") == n1  # nothing recomputed
     strip = lambda fr: [{k: v for k, v in lr.model_dump().items() if k != "wall_time_s"}
                         for lr in fr.layers]

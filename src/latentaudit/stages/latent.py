@@ -358,23 +358,22 @@ def _max_layer_estimate(scores: np.ndarray, layers: list[int], refused: np.ndarr
     return lvs, layers[best], gap
 
 
-def run_latent(lm, store: ResultStore, model_key: str, ps: PromptSet, cfg: LatentConfig, judge,
-               guard, directions: RefusalDirections | None, seed: int = 0,
-               system: str | None = None, batch_size: int = 16, progress_factory=None,
-               runner: LatentRunner | None = None) -> LatentSummary:
+def run_latent(runner: LatentRunner, directions: RefusalDirections | None = None,
+               progress_factory=None) -> LatentSummary:
+    """The latent stage on ``runner``'s model and prompts: ε* of every prompt at every layer for
+    each family, LVS_l, LVS(M) and AG, committed to the store as they are found."""
     t0 = time.time()
+    cfg, ps, seed = runner.cfg, runner.ps, runner.seed
     # 1. what is asked is possible
     if cfg.eps_min >= cfg.eps_max:
         raise UserError(f"eps_min ({cfg.eps_min}) must be below eps_max ({cfg.eps_max})")
     if len(ps) == 0:
         raise UserError("the harmful prompt set is empty")
-    layers = parse_layers(cfg.layers, lm.n_layers)
+    layers = parse_layers(cfg.layers, runner.lm.n_layers)
     families = [make_family(f, cfg) for f in cfg.families]
     for fam in families:
         if fam.uses_directions and directions is None:
             raise UserError(f"family '{fam.name}' needs refusal directions")
-    runner = runner or LatentRunner(lm, store, model_key, ps, cfg, judge, guard, seed, system,
-                                    batch_size)
     # 2. the clean responses: prompts elicited with no push have ε* = 0
     clean = runner.clean()
     clean_ok = np.array([bool(r["success"]) for r in clean])
@@ -400,8 +399,9 @@ def run_latent(lm, store: ResultStore, model_key: str, ps: PromptSet, cfg: Laten
     return LatentSummary(
         config=cfg.model_dump(), success=SUCCESS_DEF if cfg.success == "coherent" else "non-refusal",
         eps_min=cfg.eps_min, eps_max=cfg.eps_max,
-        positions=describe_positions(cfg.positions, cfg.sink_factor), judge=judge.describe(),
-        coherence=guard.describe(), harmful=ps.describe(), n=len(ps),
+        positions=describe_positions(cfg.positions, cfg.sink_factor),
+        judge=runner.judge.describe(), coherence=runner.guard.describe(), harmful=ps.describe(),
+        n=len(ps),
         prompt_ids=[p.id for p in ps.prompts],
         clean_success=estimate_mean(clean_ok.astype(float),
                                     "fraction of harmful prompts elicited with no perturbation",
@@ -543,9 +543,9 @@ class LatentStage(Stage):
                              ctx.cfg.limit)
         directions = directions_for(ctx) if self._uses_directions(cfg) else None
         guard = ctx.once("guard", lambda: calibrate_guard(ctx))
-        ctx.record("latent", run_latent(ctx.lm, ctx.store, ctx.model_key, ps, cfg, ctx.judge,
-                                        guard, directions, ctx.seed, ctx.system,
-                                        ctx.cfg.batch_size, ctx.progress))
+        runner = LatentRunner(ctx.lm, ctx.store, ctx.model_key, ps, cfg, ctx.judge, guard,
+                              ctx.seed, ctx.system, ctx.cfg.batch_size)
+        ctx.record("latent", run_latent(runner, directions, ctx.progress))
 
 
 def calibrate_guard(ctx: StageContext):
