@@ -12,6 +12,7 @@ import pytest
 from latentaudit.data.sets import Prompt, PromptSet
 from latentaudit.errors import UserError
 from latentaudit.judges.base import Judge, Verdict
+from latentaudit.models import completions
 from latentaudit.models.chat import encode, format_prompt
 from latentaudit.runs.store import ResultStore
 from latentaudit.stages import behave as behave_mod
@@ -348,7 +349,7 @@ def test_builtin_pairs_are_cached_and_filtered(tiny_lm, tmp_path, monkeypatch):
     assert tmp_path.joinpath("cache").as_posix() in first.info.cache_file
 
     calls = []
-    monkeypatch.setattr(tamper_mod, "greedy_generate", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(completions, "greedy_generate", lambda *a, **k: calls.append(1))
     second = build_pairs(cfg, judge, lm=tiny_lm)  # same spec: the fingerprint needs no load
     assert calls == [] and second.info.n_generated == 0
     assert second.pairs == first.pairs

@@ -17,6 +17,7 @@ from . import registry
 from .config import RunConfig
 from .data.sets import load_prompt_set
 from .errors import UserError
+from .models.fingerprint import fingerprint
 from .models.loader import LoadedModel, load_model
 from .progress import progress_factory
 from .runs.provenance import environment
@@ -43,9 +44,8 @@ def quiet_libraries() -> None:
 
 def model_key(lm: LoadedModel) -> str:
     """Stable key of (weights, dtype) for the store: spec slug + fingerprint."""
-    info = lm.info
-    fp = info.get("fingerprint") or info.get("gguf_sha256") or info.get("commit") or ""
-    h = hashlib.sha256(f"{lm.spec}|{fp}|{info.get('dtype')}".encode()).hexdigest()[:10]
+    fp = fingerprint(lm) or ""
+    h = hashlib.sha256(f"{lm.spec}|{fp}|{lm.info.get('dtype')}".encode()).hexdigest()[:10]
     return f"{slug(lm.spec.replace(':', '-').replace('/', '-'))}-{h}"
 
 

@@ -66,7 +66,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import time
 import warnings
@@ -82,7 +81,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..data.sets import PROMPT_COLUMNS, DatasetInfo, PromptSet, load_prompt_set, read_table
 from ..errors import UserError
 from ..metrics.stats import Estimate, estimate_mean
-from ..models.generate import greedy_generate
+from ..models.completions import pairs_cache
+from ..models.fingerprint import fingerprint, spec_fingerprint
 from ..runs.store import ResultStore
 from ..training import Example, batch_stream, collate, encode_pair, token_nll
 from .behave import GenSettings, behave_records, refusal_flags
@@ -255,58 +255,12 @@ def pairs_sha256(pairs: list[Pair]) -> str:
     return h.hexdigest()
 
 
-def _lm_fingerprint(lm) -> str:
-    info = getattr(lm, "info", {}) or {}
-    fp = info.get("gguf_sha256") or info.get("fingerprint") or info.get("commit")
-    return str(fp) if fp else f"spec:{lm.spec}"
-
-
-def _spec_fingerprint(spec: str) -> str | None:
-    """The data model's fingerprint without loading it (None: it must be loaded to know)."""
-    from ..models.embedded import file_sha256, find_embedded_gguf
-    from ..models.loader import dir_fingerprint
-
-    if spec.startswith("tiny:"):
-        return f"spec:{spec}"
-    if spec.startswith("embedded:"):
-        return file_sha256(find_embedded_gguf(spec.split(":", 1)[1]))
-    p = Path(spec).expanduser()
-    if spec.endswith(".gguf") and p.is_file():
-        return file_sha256(p)
-    if p.is_dir() and (p / "config.json").is_file():
-        return dir_fingerprint(p)
-    return None
-
-
-def _pairs_cache_file(fingerprint: str, ps: PromptSet, completion_tokens: int, kind: str) -> Path:
-    from ..models.embedded import cache_root
-
-    blob = json.dumps({"fp": fingerprint, "set": ps.sha256, "tokens": completion_tokens,
-                       "system": None, "kind": kind, "v": TAMPER_VERSION}, sort_keys=True)
-    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return cache_root() / "tamper-pairs" / f"{kind}-{key}.jsonl"
-
-
-def _read_cache(path: Path) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-            out[str(row["id"])] = row
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut by an interruption: regenerated
-    return out
-
-
-def _append_cache(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _data_model_fingerprint(spec: str, data_lm) -> str | None:
+    """The pairs cache's key for the data model (None: only loading it tells)."""
+    # a tiny model has no fingerprint: its spec stands in, marked so
+    if data_lm is not None:
+        return fingerprint(data_lm, gguf_first=True) or f"spec:{data_lm.spec}"
+    return f"spec:{spec}" if spec.startswith("tiny:") else spec_fingerprint(spec)
 
 
 def _load_file_pairs(cfg: TamperConfig, judge) -> PairData:
@@ -366,13 +320,12 @@ def build_pairs(
 
     if data_lm is None and lm is not None and lm.spec == cfg.data_model:
         data_lm = lm
-    fp = _lm_fingerprint(data_lm) if data_lm is not None else _spec_fingerprint(cfg.data_model)
+    fp = _data_model_fingerprint(cfg.data_model, data_lm)
     loaded_here = False
     if fp is None:  # a hub model: its commit is known only once loaded
         data_lm, loaded_here = _load_data_model(cfg, lm), True
-        fp = _lm_fingerprint(data_lm)
-    cache = _pairs_cache_file(fp, ps, cfg.completion_tokens, cfg.control)
-    cached = _read_cache(cache)
+        fp = _data_model_fingerprint(cfg.data_model, data_lm)
+    cache = pairs_cache(fp, ps, cfg.completion_tokens, cfg.control, TAMPER_VERSION)
 
     kept: list[Pair] = []
     n_judged = n_dropped = n_generated = 0
@@ -383,18 +336,11 @@ def build_pairs(
                 if len(kept) >= need:
                     break
                 chunk = [ps.prompts[i] for i in order[start:start + PAIR_GEN_BATCH]]
-                missing = [p for p in chunk if p.id not in cached]
-                if missing:
-                    if data_lm is None:
-                        data_lm, loaded_here = _load_data_model(cfg, lm), True
-                    gens = greedy_generate(data_lm, [p.text for p in missing], cfg.completion_tokens,
-                                           PAIR_GEN_BATCH, None)
-                    rows = [{"id": p.id, "prompt": p.text, "completion": g.response,
-                             "n_new_tokens": g.n_new_tokens} for p, g in zip(missing, gens)]
-                    _append_cache(cache, rows)
-                    cached.update({r["id"]: r for r in rows})
-                    n_generated += len(rows)
-                rows = [cached[p.id] for p in chunk]
+                if cache.missing(chunk) and data_lm is None:
+                    data_lm, loaded_here = _load_data_model(cfg, lm), True
+                n_generated += cache.generate(data_lm, chunk, cfg.completion_tokens,
+                                              PAIR_GEN_BATCH, None)
+                rows = [cache.rows[p.id] for p in chunk]
                 verdicts = judge.judge([p.text for p in chunk], [r["completion"] for r in rows])
                 n_judged += len(chunk)
                 before = len(kept)
@@ -413,7 +359,7 @@ def build_pairs(
         source="builtin", control=cfg.control, data_model=cfg.data_model,
         data_model_fingerprint=fp, prompt_set=DatasetInfo(**ps.describe()),
         completion_tokens=cfg.completion_tokens, n_candidates=len(ps), n_generated=n_generated,
-        n_judged=n_judged, n_kept=len(kept), n_dropped=n_dropped, cache_file=str(cache),
+        n_judged=n_judged, n_kept=len(kept), n_dropped=n_dropped, cache_file=str(cache.path),
     )
     return PairData(kept, info)
 
