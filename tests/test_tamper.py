@@ -139,6 +139,8 @@ def test_per_prompt_area_and_s_half_ci():
     (dict(n_examples=0), "n_examples"),
     (dict(pairs="nope.txt"), ".csv/.json/.jsonl"),
     (dict(pairs="missing.jsonl"), "not found"),
+    (dict(benign_pairs="nope.txt"), "benign_pairs must be 'builtin' or a .csv/.json/.jsonl"),
+    (dict(benign_pairs="missing.jsonl"), "benign_pairs file not found"),
 ])
 def test_validation_errors(kw, needle):
     with pytest.raises(UserError) as e:
@@ -369,6 +371,30 @@ def test_benign_control_runs(tiny_lm, tmp_path, monkeypatch):
     harmful = _run(tiny_lm, store, cfg.model_copy(update={"control": "harmful"}))
     assert harmful.data.prompt_set.name == "builtin:harmful:train"
     assert harmful.attack_key != summ.attack_key
+
+
+def test_benign_control_never_trains_on_the_harmful_pairs_file(tiny_lm, tmp_path, monkeypatch):
+    """With a harmful pairs file, the control takes the builtin harmless pairs (or the user's
+    own harmless file), never the harmful file."""
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    harmful = _pairs_file(tmp_path)
+    harmful_prompts = {json.loads(line)["prompt"] for line in harmful.read_text().splitlines()}
+    cfg = TamperConfig(pairs=str(harmful), control="benign", data_model="tiny:llama",
+                       completion_tokens=4, n_examples=4)
+    control = build_pairs(cfg, HashJudge(), lm=tiny_lm)
+    assert control.info.source == "builtin" and control.info.control == "benign"
+    assert control.info.prompt_set.name == "builtin:harmless:train"
+    assert not harmful_prompts & {p.prompt for p in control.pairs}
+
+    attack = build_pairs(cfg.model_copy(update={"control": "harmful"}), HashJudge())
+    assert attack.info.source == str(harmful) and {p.prompt for p in attack.pairs} == harmful_prompts
+
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text("".join(json.dumps({"prompt": f"Name a fruit ({i}).", "completion": "A pear."})
+                              + "\n" for i in range(5)))
+    own = build_pairs(cfg.model_copy(update={"benign_pairs": str(benign)}), HashJudge())
+    assert own.info.source == str(benign) and own.info.control == "benign"
+    assert [p.prompt for p in own.pairs] == [f"Name a fruit ({i})." for i in range(5)]
 
 
 def test_worst_case_search_needs_optuna(tiny_lm, monkeypatch):

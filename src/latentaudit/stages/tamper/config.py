@@ -36,6 +36,9 @@ class TamperConfig(BaseModel):
         "harmful", description="benign: the same budget on harmless (prompt, answer) pairs")
     pairs: str = Field("builtin", description="'builtin' or a CSV/JSON/JSONL file with prompt "
                        "and completion columns")
+    benign_pairs: str = Field("builtin", description="the benign control's pairs: 'builtin' (the "
+                              "data model's answers to harmless prompts) or a CSV/JSON/JSONL file "
+                              "with prompt and completion columns; never the harmful pairs")
     data_model: str = Field("embedded:smollm2-135m",
                             description="whose completions make the builtin pairs")
     completion_tokens: int = 64
@@ -94,13 +97,19 @@ def validate_tamper(cfg: TamperConfig, n_available_pairs: int | None = None) -> 
     for ok, msg in checks:
         if not ok:
             raise UserError(f"tamper: {msg}")
-    if cfg.pairs != "builtin":
-        p = Path(cfg.pairs).expanduser()
-        if p.suffix.lower() not in (".csv", ".json", ".jsonl"):
-            raise UserError(f"tamper pairs must be 'builtin' or a .csv/.json/.jsonl file, got {cfg.pairs!r}")
-        if not p.is_file():
-            raise UserError(f"tamper pairs file not found: {cfg.pairs}")
+    _check_pairs_source("pairs", cfg.pairs)
+    _check_pairs_source("benign_pairs", cfg.benign_pairs)
     if n_available_pairs is not None and cfg.n_examples > n_available_pairs:
         raise UserError(f"tamper: n_examples={cfg.n_examples} but only {n_available_pairs} usable "
                         f"attack pairs are available")
 
+
+def _check_pairs_source(name: str, value: str) -> None:
+    if value == "builtin":
+        return
+    p = Path(value).expanduser()
+    if p.suffix.lower() not in (".csv", ".json", ".jsonl"):
+        raise UserError(f"tamper {name} must be 'builtin' or a .csv/.json/.jsonl file, "
+                        f"got {value!r}")
+    if not p.is_file():
+        raise UserError(f"tamper {name} file not found: {value}")

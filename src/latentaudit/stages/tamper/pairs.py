@@ -1,5 +1,8 @@
 """The attack pairs: (prompt, completion) examples the attacker fine-tunes on.
 
+The attack trains on ``pairs``, the benign control on ``benign_pairs``: the control must be
+harmless data, so it never falls back to a harmful pairs file. Each is ``builtin`` or a file.
+
 ``builtin``: the data model's (default the unaligned embedded base) greedy completions to
 ``builtin:harmful:train`` (or, for the benign control, its answers to ``builtin:harmless:train``),
 generated once and cached (:mod:`latentaudit.models.completions`, keyed by the data model's
@@ -85,8 +88,8 @@ def pairs_sha256(pairs: list[Pair]) -> str:
     return h.hexdigest()
 
 
-def _load_file_pairs(cfg: TamperConfig, judge) -> PairData:
-    path = Path(cfg.pairs).expanduser()
+def _load_file_pairs(source: str, cfg: TamperConfig, judge) -> PairData:
+    path = Path(source).expanduser()
     rows = read_table(path)
     if not rows:
         raise UserError(f"{path} has no rows")
@@ -125,6 +128,7 @@ def build_pairs(
 ) -> PairData:
     """The attack pairs of ``cfg``.
 
+    The source is ``cfg.pairs`` for the attack, ``cfg.benign_pairs`` for the benign control.
     Builtin: the data model's greedy completions (``completion_tokens`` new tokens, no system
     prompt) to ``builtin:harmful:train`` (``builtin:harmless:train`` for the benign control), in a
     seeded order, cached on disk, generated only until ``need`` (default ``n_examples``) pairs
@@ -132,9 +136,10 @@ def build_pairs(
     if given, else ``lm`` when ``lm.spec == cfg.data_model``, else loaded on ``lm``'s device — and
     only when something is not cached. A file: every row, in file order.
     """
-    if cfg.pairs != "builtin":
+    source = cfg.pairs if cfg.control == "harmful" else cfg.benign_pairs
+    if source != "builtin":
         validate_tamper(cfg)
-        return _load_file_pairs(cfg, judge)
+        return _load_file_pairs(source, cfg, judge)
     need = cfg.n_examples if need is None else need
     set_spec = "builtin:harmful:train" if cfg.control == "harmful" else "builtin:harmless:train"
     ps = load_prompt_set(set_spec, data_dir)
