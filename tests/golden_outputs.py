@@ -58,7 +58,8 @@ def audit_config(tmp: Path) -> Path:
                    "max_new_tokens": 6, "calibration_n": 4,
                    "directions_n": 8, "selection_n": 4},
         "tamper": {"pairs": str(pairs), "n_examples": 4, "steps": [0, 1, 3], "batch_size": 2,
-                   "completion_tokens": 8, "utility_limit": 3, "search_trials": 2},
+                   "completion_tokens": 8, "utility_limit": 3, "search_trials": 2,
+                   "data_model": "tiny:llama"},
     }
     path = tmp / "audit.yaml"
     path.write_text(yaml.safe_dump(cfg))

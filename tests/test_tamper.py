@@ -1,4 +1,4 @@
-"""The harmful fine-tuning attack (stages/tamper.py) on the tiny model, plus one embedded test."""
+"""The harmful fine-tuning attack (stages/tamper/) on the tiny model, plus one embedded test."""
 
 from __future__ import annotations
 
@@ -12,18 +12,21 @@ import pytest
 from latentaudit.data.sets import Prompt, PromptSet
 from latentaudit.errors import UserError
 from latentaudit.judges.base import Judge, Verdict
+from latentaudit.models import completions
 from latentaudit.models.chat import encode, format_prompt
 from latentaudit.runs.store import ResultStore
 from latentaudit.stages import behave as behave_mod
-from latentaudit.stages import tamper as tamper_mod
+from latentaudit.stages.tamper import attack as attack_mod
 from latentaudit.stages.behave import GenSettings, run_behave
 from latentaudit.stages.tamper import (
     TamperConfig,
     TamperSummary,
+    areas,
     build_pairs,
     encode_pair,
     normalised_area,
     run_tamper,
+    s_half_estimate,
     steps_to_break,
     validate_tamper,
     worst_case_search,
@@ -108,15 +111,15 @@ def test_normalised_area_hand_made():
 def test_per_prompt_area_and_s_half_ci():
     steps = [0, 10, 20]
     flags = np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]], dtype=float)
-    areas = tamper_mod._areas(steps, flags)
-    assert areas.tolist() == pytest.approx([1.0, 0.25, 0.75, 0.0])
+    per_prompt = areas(steps, flags)
+    assert per_prompt.tolist() == pytest.approx([1.0, 0.25, 0.75, 0.0])
     # the mean of per-prompt areas is the area of the mean curve
-    assert areas.mean() == pytest.approx(normalised_area(steps, flags.mean(0).tolist()))
-    est = tamper_mod._s_half_estimate(steps, flags, seed=0)
+    assert per_prompt.mean() == pytest.approx(normalised_area(steps, flags.mean(0).tolist()))
+    est = s_half_estimate(steps, flags, seed=0)
     # r = [0.75, 0.5, 0.25]: 0.25 < 0.375 first at s = 20
     assert est.value == 20 and est.n == 4
     assert est.lo is not None and est.lo <= 20
-    never = tamper_mod._s_half_estimate(steps, np.ones((3, 3)), seed=0)
+    never = s_half_estimate(steps, np.ones((3, 3)), seed=0)
     assert never.value is None and never.lo is None and never.hi is None
 
 
@@ -136,6 +139,8 @@ def test_per_prompt_area_and_s_half_ci():
     (dict(n_examples=0), "n_examples"),
     (dict(pairs="nope.txt"), ".csv/.json/.jsonl"),
     (dict(pairs="missing.jsonl"), "not found"),
+    (dict(benign_pairs="nope.txt"), "benign_pairs must be 'builtin' or a .csv/.json/.jsonl"),
+    (dict(benign_pairs="missing.jsonl"), "benign_pairs file not found"),
 ])
 def test_validation_errors(kw, needle):
     with pytest.raises(UserError) as e:
@@ -270,7 +275,7 @@ def test_resume_recomputes_nothing(tiny_lm, tmp_path, monkeypatch):
     n_keys = store.count()
 
     calls = {"gen": 0, "nll": 0}
-    real_gen, real_nll = behave_mod.greedy_generate, tamper_mod._utility_nll
+    real_gen, real_nll = behave_mod.greedy_generate, attack_mod._utility_nll
 
     def gen(*a, **k):
         calls["gen"] += 1
@@ -281,7 +286,7 @@ def test_resume_recomputes_nothing(tiny_lm, tmp_path, monkeypatch):
         return real_nll(*a, **k)
 
     monkeypatch.setattr(behave_mod, "greedy_generate", gen)
-    monkeypatch.setattr(tamper_mod, "_utility_nll", nll)
+    monkeypatch.setattr(attack_mod, "_utility_nll", nll)
     second = _run(tiny_lm, store, cfg)
     assert calls == {"gen": 0, "nll": 0}
     assert second.timings.steps_trained == 0 and second.resumed_evaluations == 3
@@ -301,14 +306,14 @@ def test_resume_after_interruption(tiny_lm, tmp_path, monkeypatch):
     clean = _run(tiny_lm, ResultStore(tmp_path / "clean.sqlite"), cfg)
 
     store = ResultStore(tmp_path / "s.sqlite")
-    real_nll = tamper_mod._utility_nll
+    real_nll = attack_mod._utility_nll
 
     def crashing(target_lm, st, prefix, items, examples, s, bs):
         if s == 3:
             raise KeyboardInterrupt  # killed after the r(3) generations were committed
         return real_nll(target_lm, st, prefix, items, examples, s, bs)
 
-    monkeypatch.setattr(tamper_mod, "_utility_nll", crashing)
+    monkeypatch.setattr(attack_mod, "_utility_nll", crashing)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny_lm, store, cfg)
 
@@ -316,7 +321,7 @@ def test_resume_after_interruption(tiny_lm, tmp_path, monkeypatch):
     real_gen = behave_mod.greedy_generate
     monkeypatch.setattr(behave_mod, "greedy_generate",
                         lambda lm, prompts, *a, **k: gens.extend(prompts) or real_gen(lm, prompts, *a, **k))
-    monkeypatch.setattr(tamper_mod, "_utility_nll", real_nll)
+    monkeypatch.setattr(attack_mod, "_utility_nll", real_nll)
     resumed = _run(tiny_lm, store, cfg)
     assert gens == []  # r(0), r(1), r(3) were all stored: only the utility NLL at 3 was missing
     assert resumed.timings.steps_trained == 3 and resumed.resumed_evaluations == 2
@@ -348,7 +353,7 @@ def test_builtin_pairs_are_cached_and_filtered(tiny_lm, tmp_path, monkeypatch):
     assert tmp_path.joinpath("cache").as_posix() in first.info.cache_file
 
     calls = []
-    monkeypatch.setattr(tamper_mod, "greedy_generate", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(completions, "greedy_generate", lambda *a, **k: calls.append(1))
     second = build_pairs(cfg, judge, lm=tiny_lm)  # same spec: the fingerprint needs no load
     assert calls == [] and second.info.n_generated == 0
     assert second.pairs == first.pairs
@@ -366,6 +371,30 @@ def test_benign_control_runs(tiny_lm, tmp_path, monkeypatch):
     harmful = _run(tiny_lm, store, cfg.model_copy(update={"control": "harmful"}))
     assert harmful.data.prompt_set.name == "builtin:harmful:train"
     assert harmful.attack_key != summ.attack_key
+
+
+def test_benign_control_never_trains_on_the_harmful_pairs_file(tiny_lm, tmp_path, monkeypatch):
+    """With a harmful pairs file, the control takes the builtin harmless pairs (or the user's
+    own harmless file), never the harmful file."""
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    harmful = _pairs_file(tmp_path)
+    harmful_prompts = {json.loads(line)["prompt"] for line in harmful.read_text().splitlines()}
+    cfg = TamperConfig(pairs=str(harmful), control="benign", data_model="tiny:llama",
+                       completion_tokens=4, n_examples=4)
+    control = build_pairs(cfg, HashJudge(), lm=tiny_lm)
+    assert control.info.source == "builtin" and control.info.control == "benign"
+    assert control.info.prompt_set.name == "builtin:harmless:train"
+    assert not harmful_prompts & {p.prompt for p in control.pairs}
+
+    attack = build_pairs(cfg.model_copy(update={"control": "harmful"}), HashJudge())
+    assert attack.info.source == str(harmful) and {p.prompt for p in attack.pairs} == harmful_prompts
+
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text("".join(json.dumps({"prompt": f"Name a fruit ({i}).", "completion": "A pear."})
+                              + "\n" for i in range(5)))
+    own = build_pairs(cfg.model_copy(update={"benign_pairs": str(benign)}), HashJudge())
+    assert own.info.source == str(benign) and own.info.control == "benign"
+    assert [p.prompt for p in own.pairs] == [f"Name a fruit ({i})." for i in range(5)]
 
 
 def test_worst_case_search_needs_optuna(tiny_lm, monkeypatch):

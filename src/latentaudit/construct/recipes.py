@@ -26,7 +26,8 @@ from typing import Any
 
 from ..data.sets import load_prompt_set
 from ..errors import UserError
-from .data import cached_answers, model_fingerprint, refusal_for
+from ..models.completions import cached_answers
+from .data import refusal_for
 from .train import Perturb, Term, train_terms
 
 
@@ -131,7 +132,7 @@ class BuildEnv:
     def harmful_completions(self, ps, tokens: int) -> tuple[list[str], list[str], int]:
         """(prompts, completions) of the unaligned data model that the judge calls compliance."""
         dl = self.data_lm()
-        ans = cached_answers(dl, model_fingerprint(dl), ps, tokens, self.batch_size)
+        ans = cached_answers(dl, ps, tokens, self.batch_size)
         prompts = [p.text for p in ps.prompts]
         comps = [ans[p.id] for p in ps.prompts]
         verdicts = self.judge.judge(prompts, comps)
@@ -203,7 +204,7 @@ def _retain(lm, env: BuildEnv, ps, tokens: int) -> tuple[list[str], list[str], l
     Answers the judge labels refusal are dropped: a refusal as a retain target on a harmless
     prompt would teach over-refusal."""
     prompts, targets, ids = [], [], []
-    ans = cached_answers(lm, model_fingerprint(lm), ps, tokens, env.batch_size)
+    ans = cached_answers(lm, ps, tokens, env.batch_size)
     have = [p for p in ps.prompts if ans[p.id]]
     verdicts = env.judge.judge([p.text for p in have], [ans[p.id] for p in have])
     for p, v in zip(have, verdicts):
@@ -462,12 +463,13 @@ def refusal_subspace(lm, env, n: int, m: int, k: int, cache: bool = False,
     from ..interventions.directions import (RefusalDirections, compute_directions,
                                             rank_directions, select_direction)
     from ..models.embedded import cache_root
-    from .data import model_fingerprint
+    from ..models.fingerprint import fingerprint
 
     hs, bs = load_prompt_set("builtin:harmful:train"), load_prompt_set("builtin:harmless:train")
     path = None
     if cache:
-        key = hashlib.sha256(f"{model_fingerprint(lm)}|{n}|{m}|{env.batch_size}|{lm.dtype}|"
+        fp = fingerprint(lm) or lm.info.get("spec")  # a tiny model's spec stands in
+        key = hashlib.sha256(f"{fp}|{n}|{m}|{env.batch_size}|{lm.dtype}|"
                              f"{hs.sha256}|{bs.sha256}".encode()).hexdigest()[:16]
         path = cache_root() / "directions" / f"{key}.safetensors"
         if path.exists():

@@ -22,6 +22,7 @@ import hashlib
 import json
 from typing import Any
 
+from ..models.fingerprint import fingerprint
 from .run import slug
 
 
@@ -35,9 +36,8 @@ def model_key(lm) -> str:
     """The key of a loaded model's (weights, dtype): its spec's slug and a hash of its
     fingerprint. A model rebuilt at the same path gets a new key, so nothing stored for the old
     weights is reused."""
-    info = lm.info
-    fp = info.get("fingerprint") or info.get("gguf_sha256") or info.get("commit") or ""
-    h = hashlib.sha256(f"{lm.spec}|{fp}|{info.get('dtype')}".encode()).hexdigest()[:10]
+    fp = fingerprint(lm) or ""
+    h = hashlib.sha256(f"{lm.spec}|{fp}|{lm.info.get('dtype')}".encode()).hexdigest()[:10]
     return f"{slug(lm.spec.replace(':', '-').replace('/', '-'))}-{h}"
 
 

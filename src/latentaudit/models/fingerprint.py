@@ -1,0 +1,42 @@
+"""What identifies a model's weights: the one rule behind store keys and cache file names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_FOLDER_FIRST = ("fingerprint", "gguf_sha256", "commit")
+_GGUF_FIRST = ("gguf_sha256", "fingerprint", "commit")
+
+
+def fingerprint(lm, *, gguf_first: bool = False) -> str | None:
+    """The identity of ``lm``'s weights, from what the loader recorded: the content fingerprint
+    of the checkpoint folder it was read from, else its gguf file's sha256, else its hub commit.
+    None when it has none (a tiny model is built in code: its spec is its identity).
+
+    A model read from a gguf has two: the gguf's sha256 and the fingerprint of the folder it was
+    converted into. ``gguf_first`` prefers the gguf's, which :func:`spec_fingerprint` knows
+    without loading. The run store and the zoo's answers cache key on the folder, the tamper
+    pairs cache on the gguf; both stay so that existing run folders and caches stay valid."""
+    info = getattr(lm, "info", None) or {}
+    for k in _GGUF_FIRST if gguf_first else _FOLDER_FIRST:
+        if info.get(k):
+            return str(info[k])
+    return None
+
+
+def spec_fingerprint(spec: str) -> str | None:
+    """``fingerprint(load_model(spec), gguf_first=True)`` read from the files, without loading.
+    None when only loading can tell (a hub model's commit) or there is none (a tiny model)."""
+    from .embedded import file_sha256, find_embedded_gguf
+    from .loader import dir_fingerprint
+
+    if spec.startswith("tiny:"):
+        return None
+    if spec.startswith("embedded:"):
+        return file_sha256(find_embedded_gguf(spec.split(":", 1)[1]))
+    p = Path(spec).expanduser()
+    if spec.endswith(".gguf") and p.is_file():
+        return file_sha256(p)
+    if p.is_dir() and (p / "config.json").is_file():
+        return dir_fingerprint(p)
+    return None
