@@ -552,3 +552,27 @@ def test_benign_control_alone_is_never_reported_as_the_attack(tmp_path, monkeypa
     m = json.loads((out / "summary.json").read_text())["models"][0]
     assert m["tamper"]["config"]["control"] == "harmful"
     assert m["tamper_control"]["config"]["control"] == "benign"
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"tamper": {"max_new_tokens": 64}}, "tamper.max_new_tokens (64) differs from behave.max_new_tokens (32)"),
+    ({"tamper": {"seed": 5}}, "tamper.seed (5) differs from seed (0)"),
+    ({"tamper": {"eval_limit": 3}, "limit": 4}, "tamper.eval_limit (3) differs from limit (4)"),
+])
+def test_a_tamper_key_the_run_decides_is_never_silently_replaced(tmp_path, capsys, extra, needle):
+    import yaml
+
+    from latentaudit.cli import main
+
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text(yaml.safe_dump({"model": "tiny:llama", "stages": ["tamper"], **extra}))
+    assert main(["run", "--config", str(cfg), "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {needle}: the attack takes {needle.split('from ')[1].split(' ')[0]} from the run; set that instead"
+    assert not (tmp_path / "r").exists()
+    # the same values as the run's are no conflict
+    ok = {"tamper": {"max_new_tokens": 32, "seed": 0, "eval_limit": 4}, "limit": 4}
+    from latentaudit.config import AuditConfig
+    from latentaudit.stages.tamper.stage import TamperStage
+
+    TamperStage().check(AuditConfig.model_validate({"model": "tiny:llama", **ok}))

@@ -304,7 +304,8 @@ def run_cmd(cfg, model: str | None = None) -> None:
     from .report.compare import compare_runs, format_rows
 
     if model is not None:  # --model audits that one model instead of the config's list
-        cfg = AuditConfig.model_validate({**cfg.model_dump(), "model": model, "models": None})
+        cfg = AuditConfig.model_validate({**cfg.model_dump(exclude_unset=True), "model": model,
+                                          "models": None})
     run_dir, _ = run_many(cfg, command_line())
     typer.echo(format_rows(compare_runs([run_dir]), "table"), nl=False)
     typer.echo(f"results: {run_dir}/summary.json  (report: latentaudit report {run_dir})")

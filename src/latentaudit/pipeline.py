@@ -23,7 +23,7 @@ from .stages.base import Stage, StageContext
 from .stages.behave import BehaveStage
 from .stages.directions import DirectionsStage
 from .stages.latent import LatentStage
-from .stages.tamper_stage import TamperControlStage, TamperStage
+from .stages.tamper.stage import TamperControlStage, TamperStage
 
 
 def seed_everything(seed: int) -> None:
@@ -141,8 +141,12 @@ def run_many(acfg, command: str) -> tuple[Path, Summary]:
 
     entries = audit_entries(acfg)
     stages = list(acfg.stages)
-    base = acfg.model_dump(exclude={"models", "stages"})
+    # only what the user set, so each model's config knows which keys were given (exclude_unset)
+    base = acfg.model_dump(exclude={"models", "stages"}, exclude_unset=True)
     cfgs = [RunConfig.model_validate({**base, "model": e.spec}) for e in entries]
+    for c in cfgs:  # every model's input checked before the first one starts
+        for s in stages:
+            STAGES[s]().check(c)
     run = open_run(acfg.output_dir, acfg.model_dump(), "audit")
     try:
         for e, c in zip(entries, cfgs):

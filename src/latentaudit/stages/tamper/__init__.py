@@ -14,7 +14,8 @@ the behavioural ``S`` on the same prompts (the records are shared with ``behave`
 * :mod:`.attack`: :func:`run_tamper`, the training run with its evaluations and resume;
 * :mod:`.finetune`: the trainable copy of the model and its training data;
 * :mod:`.curves`: S, s½, R_ft, AG_ft from the refusal curve, and the summary schemas;
-* :mod:`.search`: :func:`worst_case_search` over lr and LoRA rank.
+* :mod:`.search`: :func:`worst_case_search` over lr and LoRA rank;
+* :mod:`.stage`: the attack and its benign control as stages of the audit.
 """
 
 from ...training import encode_pair

@@ -3,8 +3,11 @@ asked) and the benign control, on the same budget."""
 
 from __future__ import annotations
 
-from ..errors import UserError
-from .base import Stage, StageContext
+from ...errors import UserError
+from ..base import Stage, StageContext
+from .attack import run_tamper
+from .config import validate_tamper
+from .search import worst_case_search
 
 
 class TamperStage(Stage):
@@ -12,9 +15,8 @@ class TamperStage(Stage):
     section = "tamper"
 
     def check(self, cfg) -> None:
-        from .tamper import validate_tamper
-
         validate_tamper(cfg.tamper)
+        _check_run_settings(cfg)
         if cfg.tamper.search_trials:
             try:
                 import optuna  # noqa: F401
@@ -23,8 +25,6 @@ class TamperStage(Stage):
                                 "(or pip install 'latentaudit[search]')") from None
 
     def run(self, ctx: StageContext, cfg) -> None:
-        from .tamper import run_tamper, worst_case_search
-
         tcfg = _attack_config(ctx)
         res = run_tamper(ctx.lm, ctx.store, ctx.model_key, tcfg, ctx.judge, ctx.progress,
                          data_dir=ctx.cfg.data_dir, gen_batch_size=ctx.cfg.batch_size,
@@ -48,16 +48,38 @@ class TamperControlStage(Stage):
         TamperStage().check(cfg)
 
     def run(self, ctx: StageContext, cfg) -> None:
-        from .tamper import run_tamper
-
         ccfg = _attack_config(ctx).model_copy(update={"control": "benign"})
         ctx.record("tamper_control", run_tamper(
             ctx.lm, ctx.store, ctx.model_key, ccfg, ctx.judge, ctx.progress,
             data_dir=ctx.cfg.data_dir, gen_batch_size=ctx.cfg.batch_size, system=ctx.system))
 
 
+# tamper keys an audit takes from the run: the attack generates as the behavioural stage does
+# (so r(0) is S on those records), with the run's seed and prompt limit
+_FROM_RUN = {"seed": "seed", "max_new_tokens": "behave.max_new_tokens", "eval_limit": "limit"}
+
+
+def _run_value(cfg, path: str):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check_run_settings(cfg) -> None:
+    """A tamper key that the run decides, set to something else, is one line of error rather
+    than silently replaced (eval_limit stands when the run sets no limit)."""
+    for key, path in _FROM_RUN.items():
+        if key not in cfg.tamper.model_fields_set:
+            continue
+        mine, run = getattr(cfg.tamper, key), _run_value(cfg, path)
+        if key == "eval_limit" and run is None:
+            continue
+        if mine != run:
+            raise UserError(f"tamper.{key} ({mine}) differs from {path} ({run}): the attack "
+                            f"takes {path} from the run; set that instead")
+
+
 def _attack_config(ctx: StageContext):
-    # same generation settings as the behavioural stage, so r(0) is S on those records
     cfg = ctx.cfg
     return cfg.tamper.model_copy(update={
         "seed": cfg.seed, "eval_limit": cfg.limit or cfg.tamper.eval_limit,
