@@ -70,8 +70,9 @@ from latentaudit.models.generate import greedy_generate
 from latentaudit.models.loader import load_model
 from latentaudit.pipeline import quiet_libraries
 from latentaudit.runs.store import ResultStore
-from latentaudit.stages.latent import (LatentConfig, LatentRunner, _search, make_family,
-                                       parse_layers, sweep_order)
+from latentaudit.stages.latent import (LatentConfig, LatentRunner, make_family, parse_layers,
+                                       sweep_order)
+from latentaudit.stages.latent.stage import _search
 
 
 def step_time(fam, ctx, layer, rows, eps, repeats=2):

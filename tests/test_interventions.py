@@ -493,7 +493,7 @@ def test_incoherent_top_push_is_rescued_inside_the_ball(tiny_lm, tmp_path, monke
     same ball are tried, so success stays monotone in ε."""
     from latentaudit.data.sets import load_prompt_set
     from latentaudit.runs.store import ResultStore
-    from latentaudit.stages import latent as latent_mod
+    from latentaudit.stages.latent import runner as latent_mod
     from latentaudit.stages.latent import LatentConfig, LatentRunner
 
     judge = _Judge(lambda r: r != "clean")
@@ -536,7 +536,7 @@ def test_pgd_check_verdicts_reach_the_store_without_a_second_generation(tiny_lm,
     from latentaudit.data.sets import load_prompt_set
     from latentaudit.models.generate import Generation
     from latentaudit.runs.store import ResultStore
-    from latentaudit.stages import latent as latent_mod
+    from latentaudit.stages.latent import runner as latent_mod
     from latentaudit.stages.latent import LatentConfig, LatentRunner, make_family
 
     calls = []
@@ -567,7 +567,7 @@ def test_steer_results_are_keyed_by_the_direction_used(tiny_lm, tmp_path, monkey
     from latentaudit.data.sets import load_prompt_set
     from latentaudit.models.generate import Generation
     from latentaudit.runs.store import ResultStore
-    from latentaudit.stages import latent as latent_mod
+    from latentaudit.stages.latent import runner as latent_mod
     from latentaudit.stages.latent import LatentConfig, LatentRunner
 
     monkeypatch.setattr(latent_mod, "generate_perturbed", lambda ctx, layer, rows, deltas, *a, **k:
