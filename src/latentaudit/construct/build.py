@@ -15,6 +15,8 @@ from .._version import __version__
 from ..data.sets import load_prompt_set
 from ..errors import UserError
 from ..files import staged_dir
+from ..models.embedded import DEFAULT_MODEL
+from ..models.fingerprint import info_fingerprint
 from ..models.loader import load_model
 from ..runs.store import ResultStore
 from ..stages.behave import GenSettings, run_behave
@@ -53,7 +55,7 @@ def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
         "It is a research artefact, not a model to deploy.", "",
         "## Recipe", "", f"- recipe: `{recipe.name}` (latentaudit {__version__})",
         f"- from: `{source_spec}` ({info.get('source')}, fingerprint "
-        f"{info.get('fingerprint') or info.get('gguf_sha256', '')[:16]})",
+        f"{(info_fingerprint(info) or '')[:16]})",
         "- hyper-parameters: `" + json.dumps(recipe.params, default=str) + "`",
         f"- data: `{json.dumps(details.get('data', {}), default=str)}` (built-in prompt sets, "
         "train splits, plus `extra_harmful` where set; the last val_n built-in train prompts "
@@ -85,7 +87,7 @@ def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
 
 
 def construct(recipe_name: str, source: str, out: str | Path, params: dict | None = None,
-              force: bool = False, seed: int = 0, data_model: str = "embedded:smollm2-135m",
+              force: bool = False, seed: int = 0, data_model: str = DEFAULT_MODEL,
               device: str | None = "auto", dtype: str = "float32", eval_limit: int | None = None,
               eval_tokens: int = 32, batch_size: int = 32, judge_name: str = "substring",
               progress_factory=None, data_dir: str | Path | None = None) -> Path:

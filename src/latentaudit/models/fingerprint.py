@@ -17,7 +17,11 @@ def fingerprint(lm, *, gguf_first: bool = False) -> str | None:
     converted into. ``gguf_first`` prefers the gguf's, which :func:`spec_fingerprint` knows
     without loading. The run store and the zoo's answers cache key on the folder, the tamper
     pairs cache on the gguf; both stay so that existing run folders and caches stay valid."""
-    info = getattr(lm, "info", None) or {}
+    return info_fingerprint(getattr(lm, "info", None) or {}, gguf_first=gguf_first)
+
+
+def info_fingerprint(info: dict, *, gguf_first: bool = False) -> str | None:
+    """:func:`fingerprint` from a loader's ``info`` record (a model card's ``source_info``)."""
     for k in _GGUF_FIRST if gguf_first else _FOLDER_FIRST:
         if info.get(k):
             return str(info[k])

@@ -59,6 +59,8 @@ class BehaveSummary(BaseModel):
     over_refusal_all: Estimate | None = Field(
         default=None, description="over-refusal pooled over every harmless set")
     records: int = Field(description="per-prompt records in the store for this stage")
+    store_prefixes: dict[str, str] = Field(
+        default_factory=dict, description="prompt set → the run-store key prefix of its records")
     wall_time_s: float
 
 
@@ -81,6 +83,11 @@ def _check_ids(ps: PromptSet) -> None:
         seen.add(p.id)
 
 
+def records_prefix(model_key: str, set_name: str, judge, settings: GenSettings) -> str:
+    """Where the judged responses of one model to one prompt set live in the store."""
+    return keys.behave_prefix(model_key, settings.key(model_key, judge.describe()), set_name)
+
+
 def behave_records(
     lm,
     store: ResultStore,
@@ -94,8 +101,7 @@ def behave_records(
     """Generate and judge every prompt of ``ps`` not yet in the store; return all records in
     the order of ``ps``."""
     _check_ids(ps)
-    gkey = settings.key(model_key, judge.describe())
-    prefix = keys.behave_prefix(model_key, gkey, ps.name)
+    prefix = records_prefix(model_key, ps.name, judge, settings)
     done = store.keys_with_prefix(prefix)
     todo = [p for p in ps.prompts if prefix + p.id not in done]
     if progress and len(ps) - len(todo):
@@ -165,6 +171,8 @@ def run_behave(
         over_refusal_all=estimate_mean(pooled, O_DEF + " (all harmless sets pooled)", seed=seed)
         if harmless else None,
         records=sum(len(v) for v in results.values()),
+        store_prefixes={ps.name: records_prefix(model_key, ps.name, judge, settings)
+                        for ps, _ in sets},
         wall_time_s=round(time.time() - t0, 2),
     )
 

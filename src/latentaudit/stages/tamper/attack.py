@@ -36,6 +36,7 @@ import torch
 
 from ...data.sets import DatasetInfo, Prompt, PromptSet, load_prompt_set
 from ...metrics.stats import Estimate, estimate_mean
+from ...runs import keys
 from ...runs.store import ResultStore
 from ...training import Example, batch_stream, collate, encode_pair, token_nll
 from ..behave import GenSettings, behave_records, refusal_flags
@@ -183,18 +184,18 @@ class _Run:
 
     def key(self, s: int) -> str:
         """The model key of the checkpoint at ``s`` (the audited model's own at 0)."""
-        return self.model_key if s == 0 else f"{self.model_key}+tamper-{self.akey}-s{s}"
+        return keys.tamper_checkpoint(self.model_key, self.akey, s)
 
     def eval_prefix(self, s: int) -> str:
         k = self.key(s)
-        return f"behave/{k}/{self.settings.key(k, self.judge_desc)}/{self.eval_ps.name}/"
+        return keys.behave_prefix(k, self.settings.key(k, self.judge_desc), self.eval_ps.name)
 
     def nll_prefix(self, s: int) -> str:
         clean = self.settings.key(self.model_key, self.judge_desc)  # the answers scored
-        return f"tamper-nll/{self.key(s)}/{clean}/{self.util_ps.name}/"
+        return keys.tamper_nll_prefix(self.key(s), clean, self.util_ps.name)
 
     def meta_key(self, s: int) -> str:
-        return f"tamper-meta/{self.key(s)}"
+        return keys.tamper_meta_key(self.key(s))
 
     def is_stored(self, s: int) -> bool:
         ep, up = self.eval_prefix(s), self.nll_prefix(s)

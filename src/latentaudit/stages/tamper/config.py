@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import UserError
+from ...models.embedded import DEFAULT_MODEL
 
 TAMPER_VERSION = "1"  # bump when the training procedure changes what a given config trains
 
@@ -39,7 +40,7 @@ class TamperConfig(BaseModel):
     benign_pairs: str = Field("builtin", description="the benign control's pairs: 'builtin' (the "
                               "data model's answers to harmless prompts) or a CSV/JSON/JSONL file "
                               "with prompt and completion columns; never the harmful pairs")
-    data_model: str = Field("embedded:smollm2-135m",
+    data_model: str = Field(DEFAULT_MODEL,
                             description="whose completions make the builtin pairs")
     completion_tokens: int = 64
     eval_harmful: str = "builtin:harmful:test"
