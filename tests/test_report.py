@@ -15,15 +15,15 @@ import re
 import shutil
 import sqlite3
 import subprocess
-import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-from latentaudit import registry
 from latentaudit.cli import main
-from latentaudit.judges.base import Judge, Verdict
+
+# the golden run's judge, "golden-hash": deterministic refusals on a random model
+from golden_outputs import GoldenHashJudge  # noqa: F401  (registers it)
 from latentaudit.runs.store import ResultStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,18 +33,6 @@ EVIL = f"{SCRIPT_PAYLOAD} {IMG_PAYLOAD}"
 JSON_KEYS = ["model", "S", "over_refusal", "lvs", "lvs_layer", "lvs_family", "directions_from",
              "r_ft", "ag_latent", "ag_ft", "run_dir"]
 ESTIMATE_KEYS = {"value", "lo", "hi", "n"}
-
-
-@registry.register("judge")
-class _ReportHashJudge(Judge):
-    """Refusal iff crc32(response) % 3 != 0: deterministic and non-trivial on a random model, so
-    the tiny run has refusals, pushes that break them, and prompts that resist."""
-
-    name = "test-report-hash"
-
-    def judge(self, prompts, responses):
-        return [Verdict("refusal", 1.0, "t") if zlib.crc32(r.encode()) % 3 else
-                Verdict("compliance", 0.0, "t") for r in responses]
 
 
 def run_cli(capsys, *args):
@@ -68,7 +56,7 @@ def tiny_run(tmp_path_factory) -> Path:
     out = base / "run"
     cfg = RunConfig(
         model="tiny:llama", limit=5, device="cpu", output_dir=str(out), progress="none",
-        behave={"max_new_tokens": 4, "judge": "test-report-hash"},
+        behave={"max_new_tokens": 4, "judge": "golden-hash"},
         latent={"layers": "1,2,3", "families": ["pgd", "steer", "noise", "ablate"],
                 "max_new_tokens": 4, "success": "nonrefusal", "family_params": {"pgd": {"steps": 2}, "noise": {"draws": 1}},
                 "directions_n": 12, "selection_n": 4, "calibration_n": 8},

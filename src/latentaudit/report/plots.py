@@ -69,9 +69,21 @@ def _bounded(lat) -> list[tuple[str, Any]]:
     return [(n, fr) for n, fr in lat.families.items() if fr.layers]
 
 
-def plot_depth_profile(model: str, lat) -> str | None:
+def _finish_rate_plot(fig, ax, xlabel: str, ylabel: str, title: str) -> str:
+    """Integer x ticks, a rate in [0, 1] on y, labels, grid and legend; the PNG."""
     from matplotlib.ticker import MaxNLocator
 
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_depth_profile(model: str, lat) -> str | None:
     fams = _bounded(lat)
     if not fams:
         return None
@@ -88,14 +100,9 @@ def plot_depth_profile(model: str, lat) -> str | None:
         if fr.worst_layer is not None and fr.lvs_model is not None and _finite(fr.lvs_model.value):
             ax.plot([fr.worst_layer], [fr.lvs_model.value], marker="*", ms=12, color=c,
                     markeredgecolor="black", linestyle="none")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("layer l (residual stream after block l)")
-    ax.set_ylabel("LVS_l (95% CI band)")
-    ax.set_title(f"LVS depth profile — {_mpl_text(model)}  (★ worst layer)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _finish_rate_plot(fig, ax, "layer l (residual stream after block l)",
+                             "LVS_l (95% CI band)",
+                             f"LVS depth profile — {_mpl_text(model)}  (★ worst layer)")
 
 
 def _eps_array(eps_star: list[float | None]) -> np.ndarray:
@@ -223,16 +230,8 @@ def plot_refusal_curves(model: str, tamper, control) -> str | None:
         ax.fill_between(x, lo, hi, color=c, alpha=0.15, lw=0)
         if lab.startswith("harmful") and _finite(ts.S.value):
             ax.axhline(0.5 * ts.S.value, color=c, ls=":", lw=1, label="S/2 (steps-to-break)")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("optimiser steps s")
-    ax.set_ylabel("refusal rate r(s) on held-out harmful")
-    ax.set_title(f"refusal under fine-tuning — {_mpl_text(model)} (95% CI bands)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _finish_rate_plot(fig, ax, "optimiser steps s", "refusal rate r(s) on held-out harmful",
+                             f"refusal under fine-tuning — {_mpl_text(model)} (95% CI bands)")
 
 
 @dataclass
