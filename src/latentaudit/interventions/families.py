@@ -148,6 +148,57 @@ class Steer(Family):
         return out
 
 
+@dataclass
+class _PGDBatch:
+    """One batch of rows laid out for PGD at ``layer``: prompt and target left-padded into one
+    sequence, the clean activations entering the layer, each row's ball radius per position,
+    and where the target's tokens are predicted in the kept window of logits."""
+
+    runner: Any  # SuffixRunner or FullRunner over the batch
+    h: torch.Tensor  # [b, t, d] clean activations at the layer, float32
+    t: int  # padded length
+    n_p: list[int]  # prompt tokens per row
+    n_t: list[int]  # target tokens per row
+    keep: int  # logits kept from the end: the longest target + 1
+    tgt: torch.Tensor  # [b, keep] target token predicted at each kept position
+    wmask: torch.Tensor  # [b, keep] which kept positions predict a target token
+    first: torch.Tensor  # [b] kept position that predicts the first response token
+    ref_ids: torch.Tensor  # refusal-opener token ids
+    rad: torch.Tensor  # [b, t, 1] the ball radius ε‖h_t‖ on allowed positions, 0 elsewhere
+
+    @classmethod
+    def build(cls, ctx: AttackContext, layer: int, rows: list[int], eps: np.ndarray,
+              prefix_cache: bool) -> "_PGDBatch":
+        from ..judges.first_token import refusal_token_ids
+
+        lm = ctx.lm
+        tok = lm.tokenizer
+        seqs = [ctx.prompt_ids[r] + ctx.target_ids[r] for r in rows]
+        ids, attn, pos = pad_left(seqs, tok.pad_token_id, lm.device)
+        b, t = ids.shape
+        n_p = [len(ctx.prompt_ids[r]) for r in rows]
+        n_t = [len(ctx.target_ids[r]) for r in rows]
+        keep = max(n_t) + 1
+        runner = (SuffixRunner if prefix_cache else FullRunner)(lm, layer, ids, attn, pos)
+        h = runner.h_clean.float()
+        pmask = torch.zeros((b, t), dtype=torch.bool)
+        for j, r in enumerate(rows):
+            start = t - n_t[j] - n_p[j]
+            pmask[j, start : start + n_p[j]] = ctx.masks[r][layer]
+        rad = radius(h, torch.as_tensor(eps, dtype=torch.float32), pmask.to(h.device))
+        # loss positions inside the kept window: position w predicts token w+1
+        tgt = torch.zeros((b, keep), dtype=torch.long, device=h.device)
+        wmask = torch.zeros((b, keep), dtype=torch.bool, device=h.device)
+        first = torch.zeros(b, dtype=torch.long, device=h.device)
+        for j in range(b):
+            m = n_t[j]
+            tgt[j, keep - m - 1 : keep - 1] = ids[j, t - m :]
+            wmask[j, keep - m - 1 : keep - 1] = True
+            first[j] = keep - m - 1
+        ref_ids = torch.tensor(refusal_token_ids(tok), dtype=torch.long, device=h.device)
+        return cls(runner, h, t, n_p, n_t, keep, tgt, wmask, first, ref_ids, rad)
+
+
 class PGD(Family):
     name = "pgd"
     doc = ("projected gradient descent toward a target completion (+ away from refusal "
@@ -210,34 +261,10 @@ class PGD(Family):
         ``check_refusing``)."""
         p = self.params
         lm = ctx.lm
-        tok = lm.tokenizer
-        from ..judges.first_token import refusal_token_ids
-
-        seqs = [ctx.prompt_ids[r] + ctx.target_ids[r] for r in rows]
-        ids, attn, pos = pad_left(seqs, tok.pad_token_id, lm.device)
-        b, t = ids.shape
-        n_p = [len(ctx.prompt_ids[r]) for r in rows]
-        n_t = [len(ctx.target_ids[r]) for r in rows]
-        keep = max(n_t) + 1
-        Runner = SuffixRunner if p["prefix_cache"] else FullRunner
-        runner = Runner(lm, layer, ids, attn, pos)
-        h = runner.h_clean.float()
-        pmask = torch.zeros((b, t), dtype=torch.bool)
-        for j, r in enumerate(rows):
-            start = t - n_t[j] - n_p[j]
-            pmask[j, start : start + n_p[j]] = ctx.masks[r][layer]
-        pmask = pmask.to(h.device)
-        rad = radius(h, torch.as_tensor(eps, dtype=torch.float32), pmask)  # [b, t, 1]
-        # loss positions inside the kept window: position w predicts token w+1
-        tgt = torch.zeros((b, keep), dtype=torch.long, device=h.device)
-        wmask = torch.zeros((b, keep), dtype=torch.bool, device=h.device)
-        first = torch.zeros(b, dtype=torch.long, device=h.device)
-        for j in range(b):
-            m = n_t[j]
-            tgt[j, keep - m - 1 : keep - 1] = ids[j, t - m :]
-            wmask[j, keep - m - 1 : keep - 1] = True
-            first[j] = keep - m - 1
-        ref_ids = torch.tensor(refusal_token_ids(tok), dtype=torch.long, device=h.device)
+        B = _PGDBatch.build(ctx, layer, rows, eps, bool(p["prefix_cache"]))
+        runner, h, t, n_p, n_t, keep = B.runner, B.h, B.t, B.n_p, B.n_t, B.keep
+        tgt, wmask, first, ref_ids, rad = B.tgt, B.wmask, B.first, B.ref_ids, B.rad
+        b = h.shape[0]
         w = float(p["refusal_weight"])
 
         # δ = u·scale with scale = radius/√d: in u-units the ball is ‖u_t‖ ≤ √d for every
