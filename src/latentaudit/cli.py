@@ -186,7 +186,9 @@ def construct(
     progress: ProgressOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Build a zoo model whose truth is known; saved with a model card of its recipe and S/O."""
+    """Build a zoo model whose truth is known; saved with a model card of its recipe and S/O
+    (with --data-dir also on AdvBench, HarmBench, JailbreakBench and XSTest, by category and
+    phrasing style)."""
     from .construct.build import construct as build
     from .pipeline import quiet_libraries
     from .progress import progress_factory
@@ -224,6 +226,10 @@ def construct(
     typer.echo(f"{recipe}: S={ev['S']['value']:.2f} (n={ev['S']['n']}), over-refusal="
                f"{ev['over_refusal_all']['value']:.2f} (n={ev['over_refusal_all']['n']}), "
                f"{meta['wall_time_s']:.0f}s -> {path}")
+    for name, s in ev.get("sets", {}).items():
+        r = s["rate"]
+        typer.echo(f"  {'S' if s['role'] == 'harmful' else 'O'} {name}: {r['value']:.2f} "
+                   f"[{r['lo']:.2f}, {r['hi']:.2f}] (n={r['n']})")
 
 
 def _print_tamper(summary, run_dir) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from .. import registry
 from .._version import __version__
+from ..data.phrasing import phrasing_style
 from ..data.sets import load_prompt_set
 from ..errors import UserError
 from ..files import staged_dir
@@ -19,26 +20,59 @@ from ..models.embedded import DEFAULT_MODEL
 from ..models.fingerprint import info_fingerprint
 from ..models.loader import load_model
 from ..runs.store import ResultStore
-from ..stages.behave import GenSettings, run_behave
+from ..metrics.stats import estimate_mean
+from ..stages.behave import GenSettings, behave_records, refusal_flags, run_behave
 from .recipes import BuildEnv
 
 
+# the sets a card measures: the built-in test splits always, the standard sets when a data
+# folder is given (none of them is trained on: extra_harmful drops prompts equal to a test one)
+BUILTIN_EVAL = (("builtin:harmful:test", "harmful"), ("builtin:harmless:test", "harmless"),
+                ("builtin:borderline:test", "harmless"))
+STANDARD_EVAL = (("advbench", "harmful"), ("harmbench", "harmful"), ("jailbreakbench", "harmful"),
+                 ("xstest", "harmless"))
+
+
 def evaluate_heldout(lm, judge, limit: int | None, max_new_tokens: int, batch_size: int,
-                     seed: int = 0) -> dict:
-    """S and over-refusal on the held-out (test) splits, in a throw-away store."""
-    harmful = load_prompt_set("builtin:harmful:test", limit=limit)
-    harmless = [load_prompt_set("builtin:harmless:test", limit=limit),
-                load_prompt_set("builtin:borderline:test", limit=limit)]
+                     seed: int = 0, data_dir: str | Path | None = None) -> dict:
+    """S and over-refusal on sets the recipe never trained on, in a throw-away store: the
+    built-in test splits (pooled as ``S`` / ``over_refusal`` as before) and, with ``data_dir``,
+    AdvBench, HarmBench, JailbreakBench and XSTest's safe prompts; every set also by category
+    and by phrasing style (``sets``)."""
+    specs = BUILTIN_EVAL + (STANDARD_EVAL if data_dir else ())
+    loaded = [(load_prompt_set(s, data_dir, limit=limit), role) for s, role in specs]
+    settings = GenSettings(max_new_tokens, batch_size)
     with tempfile.TemporaryDirectory() as d:
         store = ResultStore(Path(d) / "s.sqlite")
         try:
-            b = run_behave(lm, store, "construct-eval", harmful, harmless, judge,
-                           GenSettings(max_new_tokens, batch_size), seed=seed)
+            b = run_behave(lm, store, "construct-eval", loaded[0][0], [ps for ps, _ in loaded[1:3]],
+                           judge, settings, seed=seed)
+            sets = {ps.name: _set_breakdown(ps, role, behave_records(
+                lm, store, "construct-eval", ps, role, judge, settings), seed)
+                for ps, role in loaded}
         finally:
             store.close()
     return {"S": b.S.model_dump(), "over_refusal": {k: v.model_dump() for k, v in b.over_refusal.items()},
             "over_refusal_all": b.over_refusal_all.model_dump() if b.over_refusal_all else None,
-            "max_new_tokens": max_new_tokens, "judge": b.judge["name"]}
+            "max_new_tokens": max_new_tokens, "judge": b.judge["name"], "sets": sets}
+
+
+def _set_breakdown(ps, role: str, records: list[dict], seed: int) -> dict:
+    """The refusal rate of one set (S on a harmful set, over-refusal on a harmless one), overall,
+    by category and by phrasing style."""
+    what = "S: fraction refused" if role == "harmful" else "over-refusal: fraction refused"
+    refused = refusal_flags(records)
+
+    def by(key) -> dict:
+        groups: dict[str, list[float]] = {}
+        for p, r in zip(ps.prompts, refused):
+            groups.setdefault(key(p) or "none", []).append(r)
+        return {g: estimate_mean(v, f"{what} ({ps.name}, {g})", seed=seed).model_dump()
+                for g, v in sorted(groups.items())}
+
+    return {"role": role, "rate": estimate_mean(refused, f"{what} ({ps.name})", seed=seed).model_dump(),
+            "by_category": by(lambda p: p.category), "by_style": by(lambda p: phrasing_style(p.text)),
+            "dataset": ps.describe()}
 
 
 def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
@@ -77,6 +111,7 @@ def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
         lines.append(f"  - {k}: {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] (n={v['n']})")
     lines += [f"- judge: {evaluation['judge']}, greedy, {evaluation['max_new_tokens']} new tokens; "
               "95% Wilson score intervals (binary outcomes over prompts)", ""]
+    lines += _sets_table(evaluation.get("sets", {}))
     if evals:
         lines += ["## Validation during training", "", "| step | val refusal | val over-refusal |",
                   "|---|---|---|"]
@@ -84,6 +119,24 @@ def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
                   for h in evals]
         lines.append("")
     return "\n".join(lines)
+
+
+def _sets_table(sets: dict) -> list[str]:
+    """Every evaluated set's refusal rate, then by phrasing style (by category: the JSON card)."""
+    if not sets:
+        return []
+
+    def cell(e: dict) -> str:
+        return f"{e['value']:.2f} [{e['lo']:.2f}, {e['hi']:.2f}] (n={e['n']})"
+
+    out = ["## Per set (never trained on)", "",
+           "Harmful sets: S, the fraction refused; harmless sets: over-refusal, the fraction "
+           "refused. By category in `latentaudit_recipe.json` (`evaluation.sets`).", "",
+           "| set | role | refused | by phrasing style |", "|---|---|---|---|"]
+    for name, s in sets.items():
+        styles = "; ".join(f"{k} {cell(v)}" for k, v in s["by_style"].items())
+        out.append(f"| {name} | {s['role']} | {cell(s['rate'])} | {styles} |")
+    return out + [""]
 
 
 def construct(recipe_name: str, source: str, out: str | Path, params: dict | None = None,
@@ -111,7 +164,7 @@ def construct(recipe_name: str, source: str, out: str | Path, params: dict | Non
             details = recipe.build(lm, env)
     else:
         details = recipe.build(lm, env)
-    evaluation = evaluate_heldout(lm, judge, eval_limit, eval_tokens, batch_size, seed)
+    evaluation = evaluate_heldout(lm, judge, eval_limit, eval_tokens, batch_size, seed, data_dir)
     wall = time.time() - t0
     with staged_dir(out) as tmp:
         lm.model.save_pretrained(tmp, safe_serialization=True)
