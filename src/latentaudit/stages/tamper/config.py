@@ -24,12 +24,12 @@ class TamperConfig(BaseModel):
                              description="optimiser step counts at which refusal is evaluated; "
                              "strictly increasing, starting at 0")
     n_examples: int = Field(16, description="attack pairs used")
-    method: Literal["lora", "full"] = "lora"
-    lr: float = 1e-4
-    batch_size: int = 8
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    method: Literal["lora", "full"] = Field("lora", description="LoRA adapters or every weight")
+    lr: float = Field(1e-4, description="learning rate")
+    batch_size: int = Field(8, description="attack pairs per optimiser step")
+    rank: int = Field(16, description="LoRA rank")
+    alpha: int = Field(32, description="LoRA alpha")
+    dropout: float = Field(0.0, description="LoRA dropout")
     target_modules: list[str] | None = Field(
         None, description="LoRA targets; None: every Linear inside the decoder blocks")
     optimizer: Literal["adamw", "sgd"] = "adamw"
