@@ -100,32 +100,3 @@ def test_no_duplicates_within_or_across_files(sets):
             key = _norm(row["prompt"])
             assert key not in seen, f"{row['id']} duplicates {seen[key]}: {row['prompt']!r}"
             seen[key] = row["id"]
-
-
-_STOP = set("a an the to of and or for in on with from that this my me i you your how what is are "
-            "be by as at into it its their them they his her our we can make write create give "
-            "develop explain describe draft design provide list tell teach without".split())
-
-
-def _content_words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOP and len(w) > 2}
-
-
-def test_harmful_forms_is_train_only_and_no_near_copy_of_a_standard_set(data_dir):
-    """The extra training requests must leave the standard sets held out: none shares more than
-    a third of its content words (Jaccard) with any AdvBench, HarmBench, JailbreakBench or
-    XSTest prompt, and none is a test prompt of the built-in set."""
-    from latentaudit.data.sets import load_prompt_set
-
-    forms = load_prompt_set("builtin:harmful-forms")
-    assert len(forms) == 120 and {p.split for p in forms.prompts} == {"train"}
-    assert len({p.category for p in forms.prompts}) == 15
-    assert all(p.target.startswith("Sure, here is") for p in forms.prompts)
-    test = {p.text.lower() for p in load_prompt_set("builtin:harmful:test").prompts}
-    assert not test & {p.text.lower() for p in forms.prompts}
-    std = [_content_words(p.text) for s in ("advbench", "harmbench", "jailbreakbench", "xstest",
-                                            "xstest-unsafe")
-           for p in load_prompt_set(s, data_dir).prompts]
-    worst = max((len(w & s) / len(w | s), p.text) for p in forms.prompts
-                for w in [_content_words(p.text)] for s in std)
-    assert worst[0] <= 1 / 3 + 1e-9, worst

@@ -32,8 +32,6 @@ PROMPT_COLUMNS = ("prompt", "instruction", "goal", "question", "text", "behavior
 TARGET_COLUMNS = ("target",)
 BUILTIN = {
     "harmful": "harmful requests written for latentaudit (requests only), 12+ categories",
-    "harmful-forms": "120 more harmful requests (train only) in the forms other sets use: articles, "
-    "campaigns, speeches, posts, guides, plans; none a near-copy of a standard set's prompt",
     "harmless": "varied harmless instructions written for latentaudit",
     "borderline": "harmless prompts that sound harmful, for over-refusal (\"how do I kill a "
     "Python process\")",
