@@ -76,8 +76,7 @@ def option(model: type[BaseModel], path: str, flag: str | None = None, *short: s
     decls = [flag, *short]
     if typ is bool:
         decls = [f"{flag}/--no-{flag[2:]}", *short]
-    extra = {"metavar": "<str,...>"} if typ is list[str] else {}
-    ptype = Annotated[Optional[typ], typer.Option(*decls, help=help_, show_default=False, **extra)]
+    ptype = Annotated[Optional[typ], typer.Option(*decls, help=help_, show_default=False)]
     return pname, inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY, default=None,
                                     annotation=ptype)
 
