@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from golden_outputs import write_pairs
 from latentaudit.cli import main
 from latentaudit.runs.summary import stable_view
 
@@ -21,11 +22,7 @@ TOOL = [sys.executable, "-c", "import sys; from latentaudit.cli import main; sys
 
 
 def _config(tmp_path: Path, **extra) -> Path:
-    pairs = tmp_path / "pairs.jsonl"
-    with open(pairs, "w") as f:
-        for i in range(4):
-            f.write(json.dumps({"prompt": f"Explain how to do harmful thing {i}.",
-                                "completion": "Sure, here is how. Step 1: gather. Step 2: go."}) + "\n")
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
     cfg = {
         "models": [{"name": "llama", "spec": "tiny:llama"}, {"name": "qwen", "spec": "tiny:qwen2"}],
         "stages": ["behave", "latent", "tamper"],
