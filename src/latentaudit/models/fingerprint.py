@@ -31,16 +31,18 @@ def info_fingerprint(info: dict, *, gguf_first: bool = False) -> str | None:
 def spec_fingerprint(spec: str) -> str | None:
     """``fingerprint(load_model(spec), gguf_first=True)`` read from the files, without loading.
     None when only loading can tell (a hub model's commit) or there is none (a tiny model)."""
-    from .embedded import file_sha256, find_embedded_gguf
+    from .embedded import EMBEDDED, file_sha256_cached, find_embedded_gguf
     from .loader import dir_fingerprint
 
     if spec.startswith("tiny:"):
         return None
     if spec.startswith("embedded:"):
-        return file_sha256(find_embedded_gguf(spec.split(":", 1)[1]))
+        alias = spec.split(":", 1)[1]
+        find_embedded_gguf(alias)  # installed, and matches its pinned hash
+        return EMBEDDED[alias].sha256
     p = Path(spec).expanduser()
     if spec.endswith(".gguf") and p.is_file():
-        return file_sha256(p)
+        return file_sha256_cached(p)
     if p.is_dir() and (p / "config.json").is_file():
         return dir_fingerprint(p)
     return None

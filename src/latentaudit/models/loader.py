@@ -28,7 +28,7 @@ import torch
 
 from ..errors import UserError
 from ..files import staged_dir
-from .embedded import EMBEDDED, cache_root, file_sha256, find_embedded_gguf
+from .embedded import EMBEDDED, cache_root, file_sha256_cached, find_embedded_gguf
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +164,11 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "latentaudit_source.json").write_text(
-            json.dumps({"gguf": str(gguf), "gguf_sha256": file_sha256(gguf)}, indent=2))
+            json.dumps({"gguf": str(gguf), "gguf_sha256": file_sha256_cached(gguf)}, indent=2))
 
 
 def gguf_cache_dir(gguf: Path) -> tuple[Path, str]:
-    sha = file_sha256(gguf)
+    sha = file_sha256_cached(gguf)
     return cache_root() / "models" / f"{gguf.stem}-{sha[:12]}", sha
 
 
@@ -304,30 +304,8 @@ def dir_fingerprint(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.is_file() and f.suffix in (".safetensors", ".json", ".bin", ".model"):
-            h.update(f.name.encode() + b"\0" + _file_sha256_memo(f).encode())
+            h.update(f.name.encode() + b"\0" + file_sha256_cached(f).encode())
     return h.hexdigest()[:16]
-
-
-def _file_sha256_memo(f: Path) -> str:
-    st = f.stat()
-    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}".encode()
-                         ).hexdigest()[:24]
-    memo = cache_root() / "file-sha256" / key
-    try:
-        got = memo.read_text().strip()
-        if len(got) == 64:
-            return got
-    except OSError:
-        pass
-    digest = file_sha256(f)
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{key}.{os.getpid()}.tmp")
-        tmp.write_text(digest)
-        tmp.replace(memo)
-    except OSError:  # a read-only cache only costs the re-hash next time
-        pass
-    return digest
 
 
 def _first_line(e: Exception) -> str:
