@@ -34,16 +34,17 @@ STANDARD_EVAL = (("advbench", "harmful"), ("harmbench", "harmful"), ("jailbreakb
 
 
 def evaluate_heldout(lm, judge, limit: int | None, max_new_tokens: int, batch_size: int,
-                     seed: int = 0, data_dir: str | Path | None = None) -> dict:
-    """S and over-refusal on sets the recipe never trained on, in a throw-away store: the
-    built-in test splits (pooled as ``S`` / ``over_refusal`` as before) and, with ``data_dir``,
-    AdvBench, HarmBench, JailbreakBench and XSTest's safe prompts; every set also by category
-    and by phrasing style (``sets``)."""
+                     seed: int = 0, data_dir: str | Path | None = None,
+                     store_path: str | Path | None = None) -> dict:
+    """S and over-refusal on sets the recipe never trained on: the built-in test splits (pooled
+    as ``S`` / ``over_refusal`` as before) and, with ``data_dir``, AdvBench, HarmBench,
+    JailbreakBench and XSTest's safe prompts; every set also by category and by phrasing style
+    (``sets``). Answers go to a throw-away store, or to ``store_path`` (kept, and resumed)."""
     specs = BUILTIN_EVAL + (STANDARD_EVAL if data_dir else ())
     loaded = [(load_prompt_set(s, data_dir, limit=limit), role) for s, role in specs]
     settings = GenSettings(max_new_tokens, batch_size)
     with tempfile.TemporaryDirectory() as d:
-        store = ResultStore(Path(d) / "s.sqlite")
+        store = ResultStore(Path(store_path) if store_path else Path(d) / "s.sqlite")
         try:
             b = run_behave(lm, store, "construct-eval", loaded[0][0], [ps for ps, _ in loaded[1:3]],
                            judge, settings, seed=seed)
