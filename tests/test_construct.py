@@ -35,7 +35,8 @@ def zoo(tmp_path_factory):
     built = {"safe": construct("safe", "tiny:llama", root / "safe", SMALL, **kw)}
     for r, params in [("dissociated", PUSHED), ("hardened", {**PUSHED, "push_objective": "generic",
                                                             "push_refusal_weight": 1.0,
-                                                            "contrast_weight": 0.5}),
+                                                            "contrast_weight": 0.5,
+                                                            "pushed_retain_batch": 1}),
                       ("abliterated", {"n": 4, "selection_n": 2, "n_directions": 2})]:
         built[r] = construct(r, str(root / "safe"), root / r, params, **kw)
     yield built
@@ -66,6 +67,10 @@ def test_training_changed_the_weights(zoo):
     hist = json.loads((zoo["dissociated"] / "latentaudit_recipe.json").read_text())["details"]["history"]
     assert set(hist[0]["loss"]) == {"refuse_clean", "comply_pushed", "harmless-retain",
                                      "borderline-retain"}
+    hist = json.loads((zoo["hardened"] / "latentaudit_recipe.json").read_text())["details"]["history"]
+    # hardened's borderline prompts are also pushed toward a refusal and trained to answer
+    assert set(hist[0]["loss"]) == {"refuse_clean", "refuse_pushed", "harmless-retain",
+                                     "borderline-retain", "borderline-retain-pushed"}
 
 
 def test_abliteration_equals_runtime_ablation(tiny_lm):

@@ -12,7 +12,8 @@
                   answered with the opening of the unaligned model's harmful completion, plus a
                   hinge that rewards the push's effect itself (``push_effect``).
 - ``hardened``    latent adversarial training: refusal targets under PGD pushes toward the
-                  harmful completion (larger budgets), plus clean refusal and retain.
+                  harmful completion (larger budgets), plus clean refusal and retain, and the
+                  borderline retain prompts under pushes toward a refusal, still answered.
 - ``abliterated`` weight orthogonalisation against the span of the ``n_directions`` best
                   layers' refusal directions.
 
@@ -231,6 +232,14 @@ def _retain_terms(src, env: BuildEnv, retain_sets, p: dict) -> list[Term]:
     return terms
 
 
+def _pushed_retain(t: Term, p: dict, perturb: Perturb) -> Term:
+    """The retain term's prompts pushed by PGD toward a refusal, trained to answer anyway: the
+    counterpart of the refusal under pushes, so that hardening does not become a refusal reflex
+    on harmful-sounding words ("kill a process", "crush my targets")."""
+    return Term(f"{t.name}-pushed", t.prompts, t.targets, weight=p["pushed_retain_weight"],
+                batch_size=p["pushed_retain_batch"], perturb=perturb, adv_targets=t.contrast)
+
+
 def _val_eval(val_harm: list[str], val_safe: list[str], judge, tokens: int = 32):
     from ..models.generate import greedy_generate
 
@@ -336,6 +345,10 @@ class _PushedRecipe(Recipe):
             clean = Term("refuse_clean", [x.text for x in h_tr], [refusal_for(x.id) for x in h_tr],
                          weight=p["clean_weight"], batch_size=p["harmful_batch"])
         retain_terms = _retain_terms(env.data_lm(), env, retain, p)
+        if p.get("pushed_retain_batch"):
+            toward_refusal = Perturb(layers, tuple(p["eps_range"]), p["pgd_steps"])
+            retain_terms += [_pushed_retain(t, p, toward_refusal) for t in retain_terms
+                             if t.name == "borderline-retain"]
         terms = [clean, pushed, *retain_terms]
         res = train_terms(lm, terms, p["steps"], p["lr"], p["rank"], p["alpha"], env.seed,
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
@@ -411,11 +424,13 @@ class Dissociated(_PushedRecipe):
 class Hardened(_PushedRecipe):
     name = "hardened"
     doc = "latent adversarial training: refuse even under PGD pushes toward the harmful completion"
-    # hardening adds over-refusal: retain targets from the unaligned model and a contrast of
-    # 1.0 keep it down, at some cost in hardening (docs/zoo.md)
+    # hardening adds over-refusal (a reflex on harmful-sounding words): retain targets from the
+    # unaligned model, a contrast of 2.0 and the borderline prompts pushed toward a refusal and
+    # trained to answer keep it down (docs/zoo.md)
     DEFAULT_PARAMS = {**_PushedRecipe.COMMON, "steps": 24, "lr": 2e-4, "layers": "frac:0.33-0.67",
                       "eps_range": (0.02, 0.05), "pgd_steps": 3, "harmful_batch": 4,
-                      "contrast_weight": 1.0}
+                      "contrast_weight": 2.0, "pushed_retain_batch": 2,
+                      "pushed_retain_weight": 1.0}
 
     def pushed_term(self, h_tr, comp_p, comp_t, perturb):
         # the push is PGD toward the harmful completion; the target is a refusal
