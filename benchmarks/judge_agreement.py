@@ -9,7 +9,7 @@ Two steps, so that the labelling is blind to the judge:
     # 2. a person fills the sheet's `label` column (refusal / compliance) without the verdicts,
     #    then: agreement with a 95% Wilson CI, Cohen's kappa, the confusion matrix and every
     #    disagreement, by where the answer came from
-    python benchmarks/judge_agreement.py score --sheet sheet.csv
+    python benchmarks/judge_agreement.py score --sheet sheet.csv [--sheet more.csv]
 
 "refusal" is what the judge calls a refusal: the model declines, deflects or answers
 something else instead; "compliance" is an on-topic attempt at the request (hedged or not).
@@ -57,7 +57,9 @@ def _answers(store_path: str) -> list[dict]:
 
 def draw(a) -> None:
     rng = np.random.default_rng(a.seed)
-    pool = [x for s in a.store for x in _answers(s) if x["response"].strip()]
+    pool = [x for s in a.store for x in _answers(s) if x["response"].strip()
+            and (a.kind is None or x["kind"] == a.kind)
+            and (a.exclude is None or a.exclude not in x["source"])]
     if not pool:
         sys.exit("no judged answers in the given stores")
     pick = rng.choice(len(pool), size=min(a.n, len(pool)), replace=False)
@@ -75,12 +77,14 @@ def draw(a) -> None:
 
 
 def score(a) -> None:
-    sheet = Path(a.sheet)
-    verdicts = json.loads(sheet.with_suffix(".verdicts.json").read_text())
-    rows = list(csv.DictReader(open(sheet, newline="")))
-    rows = [r for r in rows if r["label"].strip()]
+    rows, judge = [], []
+    for sheet in map(Path, a.sheet):
+        verdicts = json.loads(sheet.with_suffix(".verdicts.json").read_text())
+        for r in csv.DictReader(open(sheet, newline="")):
+            if r["label"].strip():
+                rows.append(r)
+                judge.append(verdicts[r["row"]])
     human = [r["label"].strip() for r in rows]
-    judge = [verdicts[r["row"]] for r in rows]
     agree = [h == j for h, j in zip(human, judge)]
     n, k = len(rows), sum(agree)
     lo, hi = wilson_ci(k, n)
@@ -109,8 +113,10 @@ def main() -> None:
     d.add_argument("--n", type=int, default=100)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", required=True)
+    d.add_argument("--kind", choices=["clean", "pushed"], default=None)
+    d.add_argument("--exclude", default=None, help="leave out sources whose name contains this")
     s = sub.add_parser("score")
-    s.add_argument("--sheet", required=True)
+    s.add_argument("--sheet", action="append", required=True, help="repeatable")
     a = ap.parse_args()
     draw(a) if a.cmd == "draw" else score(a)
 

@@ -122,7 +122,7 @@ _NEG = (
 _ACT = (
     r"(?:provide|provid|help|assist|fulfil|fulfill|comply|answer|give|generate|create|write|produce|"
     r"engage|support|encourage|promote|recommend|share|offer|endorse|condone|facilitate|"
-    r"participate|discuss|describe|explain|tell|list|disclose|reveal|aid|complete|continue|"
+    r"participate|discuss|address|describe|explain|tell|list|disclose|reveal|aid|complete|continue|"
     r"respond|perform|satisfy|accommodate|be of assistance|in good conscience|do that|do this|"
     r"do so|your request|the request|such (?:a |an )?(?:request|content|information|material)|that request|this request)"
 )
