@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not embedded" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not embedded and not qwen" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/latentaudit demo $(DEMO_ARGS)
