@@ -499,7 +499,7 @@ def test_dissociated_rescale_is_applied_after_training_and_recorded(tmp_path, mo
 def test_refusal_subspace_cache(monkeypatch, tmp_path, tiny_lm):
     """With cache=True the second selection on the same weights is read back (same directions,
     same ranking, no scoring pass); cache=False always selects and writes nothing."""
-    from latentaudit.construct import recipes
+    from latentaudit.construct import recipes, subspace
     from latentaudit.errors import UserError
     from latentaudit.interventions import directions
     from latentaudit.judges import SubstringJudge
@@ -510,22 +510,22 @@ def test_refusal_subspace_cache(monkeypatch, tmp_path, tiny_lm):
     monkeypatch.setattr(directions, "select_direction",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     env = recipes.BuildEnv(0, "tiny:llama", 4, SubstringJudge())
-    d1, l1 = recipes.refusal_subspace(tiny_lm, env, 8, 4, 2, cache=True)
-    d2, l2 = recipes.refusal_subspace(tiny_lm, env, 8, 4, 2, cache=True)
+    d1, l1 = subspace.refusal_subspace(tiny_lm, env, 8, 4, 2, cache=True)
+    d2, l2 = subspace.refusal_subspace(tiny_lm, env, 8, 4, 2, cache=True)
     assert len(calls) == 1 and l1 == l2 and len(l1) == 2
     assert torch.equal(d1.directions, d2.directions)
     assert d2.meta["ranked_layers"] == d1.meta["ranked_layers"]
     assert len(list((tmp_path / "cache" / "directions").iterdir())) == 1
     # another KL guard re-ranks the cached scores: no scoring pass, the rule applied to them
-    d3, _ = recipes.refusal_subspace(tiny_lm, env, 8, 4, 2, cache=True, kl_max=1e9)
+    d3, _ = subspace.refusal_subspace(tiny_lm, env, 8, 4, 2, cache=True, kl_max=1e9)
     assert len(calls) == 1
     sc = {int(k): v for k, v in d1.meta["selection"].items()}
     deep = 0.8 * tiny_lm.n_layers
     assert d3.meta["ranked_layers"] == sorted(
         [l for l in sc if l <= deep], key=lambda l: sc[l]["refusal_score"])
-    assert d3.meta["ranked_layers"] == recipes.refusal_subspace(
+    assert d3.meta["ranked_layers"] == subspace.refusal_subspace(
         tiny_lm, env, 8, 4, 2, kl_max=1e9)[0].meta["ranked_layers"]  # as a fresh selection
-    recipes.refusal_subspace(tiny_lm, env, 8, 5, 2, cache=True)  # another m: another entry
+    subspace.refusal_subspace(tiny_lm, env, 8, 5, 2, cache=True)  # another m: another entry
     assert len(calls) == 3
     assert len(list((tmp_path / "cache" / "directions").iterdir())) == 2
     with pytest.raises(UserError, match="kl_max"):
