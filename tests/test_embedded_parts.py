@@ -49,6 +49,14 @@ def test_parts_join_in_order_once(parted, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left behind
 
 
+def test_join_remembers_its_hash(parted, monkeypatch):
+    """The join hashed the file as it wrote it: the loader's hash of it is read from the memo."""
+    site, joined, em = parted
+    out = find_embedded_gguf("fake")
+    monkeypatch.setattr(embedded, "file_sha256", lambda p: pytest.fail("hashed again"))
+    assert embedded.file_sha256_cached(out) == em.sha256
+
+
 def test_tampered_part_is_refused_and_nothing_cached(parted, tmp_path):
     site, joined, em = parted
     part = site / "fakemodel_part2/data/part02.bin"

@@ -140,6 +140,7 @@ def find_embedded_gguf(alias: str) -> Path:
                         dst.write(block)
         _check_pinned(em, tmp, h.hexdigest(), size)
         tmp.replace(out)
+        _remember(out, em.sha256)  # hashed while joining: the loader need not read it again
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -154,26 +155,35 @@ def _check_pinned(em: EmbeddedModel, path: Path, sha: str, size: int) -> None:
                         f"{em.size}): reinstall with `{em.pip_hint}`; nothing was cached")
 
 
-def file_sha256_cached(f: Path) -> str:
-    """sha256 of a file, memoised in the user cache under its path, size, inode and mtime."""
+def _memo(f: Path) -> Path:
+    """Where a file's sha256 is memoised: keyed by its path, size, inode and mtime."""
     st = f.stat()
     key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}".encode()
                          ).hexdigest()[:24]
-    memo = cache_root() / "file-sha256" / key
+    return cache_root() / "file-sha256" / key
+
+
+def _remember(f: Path, digest: str) -> None:
+    memo = _memo(f)
     try:
-        got = memo.read_text().strip()
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        tmp.replace(memo)
+    except OSError:  # a read-only cache only costs the re-hash next time
+        pass
+
+
+def file_sha256_cached(f: Path) -> str:
+    """sha256 of a file, memoised in the user cache (:func:`_memo`)."""
+    try:
+        got = _memo(f).read_text().strip()
         if len(got) == 64:
             return got
     except OSError:
         pass
     digest = file_sha256(f)
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{key}.{os.getpid()}.tmp")
-        tmp.write_text(digest)
-        tmp.replace(memo)
-    except OSError:  # a read-only cache only costs the re-hash next time
-        pass
+    _remember(f, digest)
     return digest
 
 
