@@ -447,6 +447,9 @@ def test_latent_stage_end_to_end_and_resume(tiny_lm, tmp_path, dirs):
         assert fr.lvs_model.lo <= fr.lvs_model.value <= fr.lvs_model.hi
         for lr in fr.layers:
             assert len(lr.eps_star) == 4 and set(lr.asr_fixed) == {"0.01", "0.05", "0.2"}
+            assert lr.not_elicited == sum(e is None for e in lr.eps_star)
+            assert lr.at_eps_min == sum(e is not None and 0 < e <= cfg.eps_min
+                                        for e in lr.eps_star)
     assert s1.ablate is not None and s1.ablate.asr.n == 4
     # warm start: layer 2 was searched first, and each prompt's search at layer 1 began at its
     # ε* from layer 2 (the budget is in the store under layer 1)

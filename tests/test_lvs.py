@@ -395,3 +395,23 @@ def test_validation_errors(call):
     with pytest.raises(UserError) as err:
         call()
     assert "\n" not in str(err.value) and str(err.value)
+
+
+def test_a_censored_low_end_is_warned_once_per_layer_and_a_resolved_one_is_not():
+    from latentaudit.metrics.stats import Estimate
+    from latentaudit.stages.latent.config import LayerResult
+    from latentaudit.stages.latent.stage import _warn_censored
+
+    est = Estimate(value=1.0, lo=1.0, hi=1.0, n=5, definition="d", ci="c")
+
+    def layer(at_min):
+        return LayerResult(layer=3, site="s", lvs=est, lvs_nonrefusal=est, eps_star=[],
+                           asr_fixed={}, evaluations=0, at_eps_min=at_min, wall_time_s=0.0)
+
+    with pytest.warns(UserWarning, match=r"pgd layer 3: 2 of 5 prompts .* eps_min=0.001"):
+        _warn_censored(layer(2), "pgd", 0.001, 5)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_censored(layer(0), "pgd", 0.001, 5)
+        _warn_censored(layer(0), "pgd", 0.001, 0)

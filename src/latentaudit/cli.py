@@ -11,6 +11,7 @@ import inspect
 import json
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -464,7 +465,12 @@ def demo(
     run_demo(quick, zoo, output_dir, seed or 0, device or "auto", progress, limit)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # a user reads the message, not our source line
     cmd = typer.main.get_command(app)
     try:
         cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="latentaudit",

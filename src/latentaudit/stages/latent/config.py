@@ -116,6 +116,9 @@ class LayerResult(BaseModel):
     evaluations: int
     rescued: int = Field(0, description="prompts that failed at a larger budget and were "
                          "elicited at a smaller one (bisection's ladder; 0 for the grid)")
+    at_eps_min: int = Field(0, description="prompts elicited already at eps_min (score clipped "
+                            "to 1: the range cannot tell them apart; clean compliances excluded)")
+    not_elicited: int = Field(0, description="prompts not elicited at eps_max (eps* = +inf, score 0)")
     wall_time_s: float
 
 

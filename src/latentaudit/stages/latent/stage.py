@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -149,7 +150,10 @@ def _sweep_family(runner: LatentRunner, fam, layers: list[int], directions, clea
             layer=layer, site=f"blocks.{layer}.resid_post", lvs=lvs, lvs_nonrefusal=lvs_nr,
             eps_star=[None if not np.isfinite(e) else float(e) for e in eps_star],
             asr_fixed=asr_fixed, evaluations=res.evaluations, rescued=res.rescued,
+            at_eps_min=int(((eps_star > 0) & (eps_star <= cfg.eps_min)).sum()),
+            not_elicited=int((~np.isfinite(eps_star)).sum()),
             wall_time_s=round(time.time() - tl, 2)))
+        _warn_censored(per_layer[-1], fam.name, cfg.eps_min, len(ps))
         score_cols.append(prompt_scores(eps_star, cfg.eps_min, cfg.eps_max))
     order = np.argsort([lr.layer for lr in per_layer], kind="stable")
     per_layer = [per_layer[i] for i in order]
@@ -165,6 +169,18 @@ def _sweep_family(runner: LatentRunner, fam, layers: list[int], directions, clea
                                                         for e in lr.eps_star]), grid).tolist()
                     for lr in per_layer})
     return result, prefixes
+
+
+CENSORED_WARN = 0.2
+
+
+def _warn_censored(lr: LayerResult, family: str, eps_min: float, n: int) -> None:
+    """One warning when the low end of the budget range censors many prompts: their scores are
+    all 1, so LVS_l and any gap against another model are compressed toward the top."""
+    if n and lr.at_eps_min / n >= CENSORED_WARN:
+        warnings.warn(f"{family} layer {lr.layer}: {lr.at_eps_min} of {n} prompts were elicited "
+                      f"already at eps_min={eps_min:g}, so LVS saturates; a lower --eps-min "
+                      "(the same for every model compared) resolves them", stacklevel=2)
 
 
 def sweep_order(layers: list[int], cfg: LatentConfig) -> list[int]:
