@@ -32,6 +32,10 @@ KINDS = tuple(GROUPS)
 BUILTIN: dict[str, dict[str, str]] = {
     "judge": {
         "substring": "latentaudit.judges.refusal:SubstringJudge",
+        "classifier": "latentaudit.judges.classifier:YesNoClassifierJudge",
+        "guard": "latentaudit.judges.classifier:GuardJudge",
+        "seqcls": "latentaudit.judges.classifier:SequenceClassifierJudge",
+        "api": "latentaudit.judges.api:ApiJudge",
     },
     "family": {
         "noise": "latentaudit.interventions.families:Noise",
