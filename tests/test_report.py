@@ -31,7 +31,7 @@ SCRIPT_PAYLOAD = "<script>window.__pwned=1</script>"
 IMG_PAYLOAD = '<img src=x onerror="window.__pwned=1">'
 EVIL = f"{SCRIPT_PAYLOAD} {IMG_PAYLOAD}"
 JSON_KEYS = ["model", "S", "over_refusal", "lvs", "lvs_layer", "lvs_family", "directions_from",
-             "r_ft", "ag_latent", "ag_ft", "run_dir"]
+             "r_ft", "ag_latent", "ag_ft", "run_dir", "judge"]
 ESTIMATE_KEYS = {"value", "lo", "hi", "n"}
 
 
@@ -520,6 +520,17 @@ def test_compare_against_bad_input(tiny_run, tmp_path, capsys):
     write_summary(run, s)
     rows = compare_runs([run], against="ref")
     assert rows[1].lvs_gap is None and any("different harmful prompt sets" in x for x in rows[1].notes)
+    probe["latent"]["harmful"]["name"] = s["models"][0]["latent"]["harmful"]["name"]
+    for stage in ("behave", "latent", "tamper"):  # another judge: its verdicts are not paired
+        if probe.get(stage):
+            probe[stage]["judge"] = {"name": "guard", "version": "1",
+                                     "parameters": {"target": "/models/g"}}
+    write_summary(run, s)
+    rows = compare_runs([run], against="ref")
+    assert rows[1].judge == "guard:/models/g" and rows[0].judge == "golden-hash"
+    assert rows[1].lvs_gap is None and any("different judges" in x for x in rows[1].notes)
+    rc, out, err = run_cli(capsys, "compare", run)
+    assert "judges differ" in out and "guard:/models/g" in out
 
 
 def test_transcripts_come_from_the_prefixes_the_stage_recorded(tiny_run, tmp_path):

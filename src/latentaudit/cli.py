@@ -22,8 +22,10 @@ try:  # typer >= 0.20 vendors its own click
 except ImportError:  # pragma: no cover
     from click import exceptions as _cx
 
+from .cli_tables import print_behave, print_latent, print_tamper
 from .config import AuditConfig, RunConfig
 from .errors import UserError
+from .judges.base import JudgeError
 from .files import write_text
 from .models.embedded import DEFAULT_MODEL
 from .options import annotated, config_verb, parse_set
@@ -42,6 +44,10 @@ app = typer.Typer(
 COMMON = [("model", "--model", "-m"), "limit", "seed", "device", "dtype",
           ("output_dir", "--output-dir", "-o"), "data_dir", "batch_size", "progress",
           "trust_remote_code"]
+# the judge of every stage (--judge-* flags: a model-backed judge's device, an API judge's server)
+JUDGE = [("judge.name", "--judge"), ("judge.fallback", "--judge-fallback"),
+         ("judge.device", "--judge-device"), ("judge.url", "--judge-url"),
+         ("judge.model", "--judge-model"), ("judge.key_env", "--judge-key-env")]
 
 # the same fields, for the verbs that are not a stage (construct, demo)
 SeedOpt = annotated(RunConfig, "seed")
@@ -53,79 +59,29 @@ BatchOpt = annotated(RunConfig, "batch_size")
 ProgressOpt = annotated(RunConfig, "progress")
 
 
-def _print_behave(summary, run_dir) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    for m in summary.models:
-        b = m.behave
-        t = Table(title=f"behavioural audit — {m.model['spec']}")
-        t.add_column("metric")
-        t.add_column("set")
-        t.add_column("value [95% CI]")
-        t.add_column("n", justify="right")
-        t.add_row("S (refusal on harmful)", b.harmful.name, b.S.fmt(), str(b.S.n))
-        for name, est in b.over_refusal.items():
-            t.add_row("over-refusal", name, est.fmt(), str(est.n))
-        console.print(t)
-    console.print(f"judge: {summary.models[0].behave.judge['name']}; results: {run_dir}/summary.json")
-
-
 @config_verb(app, "behave", RunConfig, COMMON + [
     "behave.harmful", "behave.harmless", "behave.prompt_col", "behave.max_new_tokens",
-    "behave.judge", "behave.system"])
+    "behave.system"] + JUDGE)
 def behave(cfg) -> None:
     """Behavioural safety S (refusal on harmful prompts) and over-refusal O, with 95% CIs."""
     from .pipeline import command_line, run_audit
 
     run, summary = run_audit(cfg, ["behave"], command_line())
-    _print_behave(summary, run.dir)
-
-
-def _print_latent(summary, run_dir) -> None:
-    from rich.console import Console
-    from rich.markup import escape as rich_escape
-    from rich.table import Table
-
-    console = Console()
-    for m in summary.models:
-        lat = m.latent
-        if lat is None:
-            continue
-        t = Table(title=f"latent vulnerability — {m.model['spec']} (n={lat.n}, "
-                  f"eps in [{lat.eps_min:g}, {lat.eps_max:g}], success: coherent compliance)")
-        t.add_column("family")
-        t.add_column("LVS(M) [95% CI]")
-        t.add_column("worst layer", justify="right")
-        t.add_column("AG = S − (1 − LVS)")
-        t.add_column("depth profile LVS_l")
-        for name, fr in lat.families.items():
-            prof = " ".join(f"{lr.layer}:{lr.lvs.value:.2f}" for lr in fr.layers)
-            t.add_row(name, fr.lvs_model.fmt(), str(fr.worst_layer),
-                      fr.audit_gap.fmt() if fr.audit_gap else "-", prof)
-        if lat.ablate is not None:
-            t.add_row("ablate (unbounded)", lat.ablate.asr.fmt() + " ASR",
-                      str(lat.ablate.direction_layer), "-", "direction of that layer, all layers")
-        console.print(t)
-        console.print(f"clean elicitation (no push): {lat.clean_success.fmt()}")
-        if lat.directions and lat.directions.get("directions_from"):
-            console.print("steer/ablate directions from: "
-                          + rich_escape(str(lat.directions["directions_from"])))
-    console.print(f"results: {run_dir}/summary.json")
+    print_behave(summary, run.dir)
 
 
 @config_verb(app, "latent", RunConfig, COMMON + [
     "latent.harmful", "latent.layers", "latent.families", "latent.eps_min", "latent.eps_max",
     "latent.search", "latent.rel_tol", "latent.grid_points", "latent.ladder",
-    "latent.positions", "latent.max_new_tokens", "latent.success", "latent.directions_from"])
+    "latent.positions", "latent.max_new_tokens", "latent.success", "latent.directions_from"]
+    + JUDGE)
 def latent(cfg) -> None:
     """Per layer and family: minimal budgets eps*, ASR curves, LVS_l with CIs, LVS(M) and its
     layer. Family parameters: --set latent.family_params.pgd.steps=30 (latentaudit ls families)."""
     from .pipeline import command_line, run_audit
 
     run, summary = run_audit(cfg, ["latent"], command_line())
-    _print_latent(summary, run.dir)
+    print_latent(summary, run.dir)
 
 
 @config_verb(app, "directions", RunConfig, COMMON + [
@@ -233,43 +189,6 @@ def construct(
                    f"[{r['lo']:.2f}, {r['hi']:.2f}] (n={r['n']})")
 
 
-def _print_tamper(summary, run_dir) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    for m in summary.models:
-        for ts in (m.tamper, m.tamper_control):
-            if ts is None:
-                continue
-            label = "harmful attack" if ts.config.control == "harmful" else "benign control"
-            t = Table(title=f"fine-tuning attack ({label}) — {m.model['spec']}")
-            t.add_column("steps s", justify="right")
-            t.add_column("refusal r(s) [95% CI]")
-            t.add_column("utility NLL [95% CI]")
-            for s_, r, u in zip(ts.steps, ts.r, ts.utility):
-                t.add_row(str(s_), r.fmt(), u.fmt(3))
-            console.print(t)
-            console.print(f"S = {ts.S.fmt()}; steps-to-break s½ = {ts.s_half.value if ts.s_half else None}; "
-                          f"R_ft = {ts.R_ft.fmt()}; AG_ft = {ts.AG_ft.fmt()}")
-        ws = m.tamper_search
-        if ws is not None:
-            t = Table(title=f"worst-case search ({ws.n_trials} trials, utility guard {ws.utility_guard:g})")
-            for col in ("lr", "rank", "R_ft", "s½", "max U(s)/U(0)", "feasible"):
-                t.add_column(col, justify="right")
-            for tr in ws.trials:
-                t.add_row(f"{tr.lr:.2e}", str(tr.rank), tr.R_ft.fmt(),
-                          "-" if tr.s_half is None else f"{tr.s_half:g}",
-                          f"{tr.utility_ratio:.3f}", "yes" if tr.feasible else "no")
-            console.print(t)
-            if ws.best is not None:
-                console.print(f"worst case: {ws.best_params} R_ft = {ws.best.R_ft.fmt()} "
-                              "(the minimum over trials on these prompts: biased low)")
-            else:
-                console.print("worst case: no trial passed the utility guard")
-    console.print(f"results: {run_dir}/summary.json")
-
-
 CONTROL = inspect.Parameter(
     "control", inspect.Parameter.KEYWORD_ONLY, default="harmful",
     annotation=Annotated[str, typer.Option(
@@ -279,7 +198,7 @@ CONTROL = inspect.Parameter(
 @config_verb(app, "tamper", RunConfig, COMMON + [
     ("tamper.pairs", "--harmful-pairs"), "tamper.n_examples", "tamper.steps", "tamper.method",
     "tamper.lr", "tamper.rank", ("tamper.batch_size", "--attack-batch-size"),
-    "tamper.search_trials", "tamper.utility_guard"], extra=[CONTROL])
+    "tamper.search_trials", "tamper.utility_guard"] + JUDGE, extra=[CONTROL])
 def tamper(cfg, control: str = "harmful") -> None:
     """Harmful fine-tuning attack: refusal r(s) after s steps, s½, R_ft and AG_ft (the model on disk is never modified)."""
     from .pipeline import command_line, run_audit
@@ -290,7 +209,7 @@ def tamper(cfg, control: str = "harmful") -> None:
         cfg.tamper = cfg.tamper.model_copy(update={"control": "benign"})
     stages = ["tamper"] + (["tamper_control"] if control == "both" else [])
     run, summary = run_audit(cfg, stages, command_line())
-    _print_tamper(summary, run.dir)
+    print_tamper(summary, run.dir)
 
 
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="perturbation family of the headline LVS(M) and AG_latent [default: pgd if run, else the first family]")]
@@ -302,7 +221,7 @@ MODEL_INSTEAD = inspect.Parameter(
         "--model", "-m", help="audit this one model instead of the config's models")])
 
 
-@config_verb(app, "run", AuditConfig, COMMON[1:] + ["stages"], extra=[MODEL_INSTEAD])
+@config_verb(app, "run", AuditConfig, COMMON[1:] + ["stages"] + JUDGE, extra=[MODEL_INSTEAD])
 def run_cmd(cfg, model: str | None = None) -> None:
     """The full audit: every model of the config (``models:``) through the stages, into one
     resumable run folder; prints the headline table. Kill it at any point and run the same
@@ -356,38 +275,52 @@ def compare(
 @app.command("judge")
 def judge_cmd(
     input: Annotated[Path, typer.Option("--input", "-i", help="CSV, JSON or JSONL file of (prompt, response) rows")],
-    out: Annotated[Path, typer.Option("--out", help="where to write one JSON verdict per row (JSONL), in input order")],
+    out: Annotated[Path, typer.Option("--out", help="PATH.json: an agreement report (metrics per judge, pairwise agreement); otherwise one JSON verdict per row (JSONL), in input order")],
     prompt_col: Annotated[str, typer.Option(help="prompt column")] = "prompt",
     response_col: Annotated[str, typer.Option(help="response column")] = "response",
-    judge: Annotated[str, typer.Option(help="judge name (latentaudit ls judges)")] = "substring",
+    judge: Annotated[str, typer.Option(help="judge spec KIND[:TARGET], or several separated by commas (latentaudit ls judges)")] = "substring",
+    labels: Annotated[Optional[str], typer.Option("--labels", help="a column of human labels: score each judge against it (accuracy, false/missed refusal rate, kappa)")] = None,
+    label_map: Annotated[str, typer.Option("--label-map", help="auto (identity, or xstest for XSTest's final_label), xstest, identity, or VALUE=refusal,VALUE2=compliance")] = "auto",
+    judge_device: Annotated[str, typer.Option("--judge-device", help="where a judge's own model runs (auto, cpu, cuda, cuda:N)")] = "auto",
+    judge_url: Annotated[Optional[str], typer.Option("--judge-url", help="an API judge's OpenAI-compatible base URL")] = None,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="the model name an API judge's server serves")] = None,
+    judge_key_env: Annotated[str, typer.Option("--judge-key-env", help="environment variable holding an API judge's key")] = "OPENAI_API_KEY",
+    judge_batch_size: Annotated[int, typer.Option("--judge-batch-size", help="rows per batch for a model-backed judge")] = 8,
 ) -> None:
-    """Re-score a file of (prompt, response) rows: one verdict and score per row, in input order."""
-    from . import registry
-    from .data.sets import read_table
+    """Re-score a file of (prompt, response) rows with one or more judges; with --labels,
+    measure each judge against human labels (and judges against each other)."""
+    from .judges import agreement as ag
+    from .judges.base import JudgeOptions
+    from .judges.spec import make_judge
 
-    j = registry.create("judge", judge)
-    rows = read_table(input)
-    if not rows:
-        raise UserError(f"{input} has no rows")
-    prompts, responses = [], []
-    for i, r in enumerate(rows, 1):
-        line = r.get("__line__", i)
-        for col in (prompt_col, response_col):
-            if col not in r:
-                cols = ", ".join(k for k in r if k != "__line__")
-                raise UserError(f"{input} row {line}: no column '{col}' (columns: {cols})")
-        if not isinstance(r[prompt_col], str) or not isinstance(r[response_col] or "", str):
-            raise UserError(f"{input} row {line}: prompt and response must be text")
-        prompts.append(r[prompt_col])
-        responses.append(r[response_col] or "")
-    verdicts = j.judge(prompts, responses)
-    write_text(out, "".join(
-        json.dumps({"row": i, "line": r.get("__line__", i + 1), "verdict": v.label,
-                    "score": v.score, "reason": v.reason, "judge": j.name},
-                   ensure_ascii=False) + "\n" for i, (r, v) in enumerate(zip(rows, verdicts))))
-    n_ref = sum(v.label == "refusal" for v in verdicts)
-    typer.echo(f"{len(verdicts)} rows judged by '{j.name}': {n_ref} refusal, "
-               f"{len(verdicts) - n_ref} compliance -> {out}")
+    if judge_batch_size < 1:
+        raise UserError(f"--judge-batch-size must be >= 1 (got {judge_batch_size})")
+    opts = JudgeOptions(device=judge_device, url=judge_url, model=judge_model,
+                        key_env=judge_key_env, batch_size=judge_batch_size)
+    specs = [s.strip() for s in judge.split(",")]
+    if len(set(specs)) != len(specs):
+        raise UserError(f"--judge names a judge twice: {judge}")
+    judges = {s: make_judge(s, opts) for s in specs}  # an unknown kind fails before any reading
+    data = ag.read_judge_input(input, prompt_col, response_col, labels)
+    gold, label_info = None, None
+    if labels:
+        name, mapping = ag.resolve_label_map(label_map, data.label_values)
+        gold = ag.apply_label_map(data.label_values, mapping, data.where, name)
+        label_info = {"column": labels, "map": name, "mapping": mapping}
+    verdicts = ag.run_judges(judges, data.prompts, data.responses)  # loads every judge first
+    report = ag.build_report(verdicts, {s: j.describe() for s, j in judges.items()}, gold,
+                             label_info, {"path": str(input), "prompt_col": prompt_col,
+                                          "response_col": response_col})
+    if out.suffix.lower() == ".json":
+        write_text(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    else:
+        write_text(out, ag.verdict_lines(data.rows, verdicts, gold))
+    for s, vs in verdicts.items():
+        n_ref = report["judges"][s]["refusals"]
+        typer.echo(f"{len(vs)} rows judged by '{s}': {n_ref} refusal, {len(vs) - n_ref} compliance")
+    if labels or len(judges) > 1:
+        typer.echo(ag.format_table(report))
+    typer.echo(f"-> {out}")
 
 
 @app.command("ls")
@@ -423,7 +356,12 @@ def ls_cmd(
     elif kind in ("judges", "recipes", "families"):
         singular = {"judges": "judge", "recipes": "recipe", "families": "family"}[kind]
         for name, cls in registry.available(singular).items():
-            typer.echo(f"{name:<16} {cls.doc}")
+            if kind == "judges" and getattr(cls, "takes_target", False):
+                # what the spec needs goes on its own line: it can be long
+                typer.echo(f"{name + ':TARGET':<18} {cls.doc}")
+                typer.echo(" " * 19 + f"TARGET: {cls.needs}")
+                continue
+            typer.echo(f"{name:<{18 if kind == 'judges' else 16}} {cls.doc}")
             if kind == "recipes":  # the hyper-parameters `construct --set KEY=VALUE` takes
                 params = ", ".join(f"{k}={v}" for k, v in cls.DEFAULT_PARAMS.items())
             elif kind == "families":  # latent.family_params.NAME.KEY
@@ -478,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except JudgeError as e:  # a fault, not bad input: what was judged is stored
+        print(f"error: {' '.join(str(e).split())[:300]}; the verdicts and responses already "
+              "stored are kept: rerun the same command to resume (or add --judge-fallback)",
+              file=sys.stderr)
+        return 1
     except _cx.NoArgsIsHelpError as e:
         print(e.format_message() if hasattr(e, "format_message") else "", file=sys.stderr)
         return 2

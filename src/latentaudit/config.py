@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
+from .judges.compose import JudgeConfig
 from .models.embedded import DEFAULT_MODEL
 
 
@@ -38,9 +39,22 @@ class RunConfig(_Strict):
     trust_remote_code: bool = Field(False, description="allow a hub model's own code")
     batch_size: int = Field(32, gt=0, description="prompts per generation batch")
     progress: Literal["auto", "rich", "plain", "none"] = Field("auto", description="progress display")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="the judge of every "
+                               "stage: a spec, or {name, fallback, ensemble, rule, device, url, ...}")
     behave: "BehaveConfig" = Field(default_factory=lambda: _behave_config())
     latent: "LatentConfig" = Field(default_factory=lambda: _latent_config())
     tamper: "TamperConfig" = Field(default_factory=lambda: _tamper_config())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _judge_moved(cls, data: Any) -> Any:
+        """``behave.judge`` (where the judge lived before it served every stage) still works."""
+        if isinstance(data, dict) and isinstance(data.get("behave"), dict) and "judge" in data["behave"]:
+            behave = dict(data["behave"])
+            old = behave.pop("judge")
+            data = {**data, "behave": behave}
+            data.setdefault("judge", old)
+        return data
 
 
 class ModelEntry(_Strict):
@@ -119,6 +133,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def resolve_config(config_path: str | None, overrides: dict[str, Any], cls=RunConfig) -> RunConfig:
     """File values, then flag overrides (dotted keys like ``behave.max_new_tokens`` allowed)."""
     data = read_config_file(config_path) if config_path else {}
+    if isinstance(data.get("judge"), str):  # `judge: SPEC` and a --judge-* flag merge
+        data["judge"] = {"name": data["judge"]}
     nested: dict[str, Any] = {}
     for k, v in overrides.items():
         if v is None:

@@ -7,11 +7,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import registry
 from .config import RunConfig
 from .models.loader import load_model
 from .progress import progress_factory
@@ -94,6 +94,21 @@ STAGES: dict[str, type[Stage]] = {s.name: s for s in (
     BehaveStage, DirectionsStage, LatentStage, TamperStage, TamperControlStage)}
 
 
+_JUDGES: dict[str, Any] = {}
+
+
+def load_judge(jcfg) -> Any:
+    """The judge of a config section, loaded once per process: a multi-model run's judge model
+    (or server check) is not reloaded for every audited model."""
+    key = jcfg.model_dump_json()
+    if key not in _JUDGES:
+        judge = jcfg.build()
+        judge.load()
+        _JUDGES.clear()  # one judge model in memory at a time
+        _JUDGES[key] = judge
+    return _JUDGES[key]
+
+
 def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None = None,
               name: str | None = None) -> tuple[Run, Summary]:
     """Run the named stages on one model into one run folder (``run``: an open folder shared by
@@ -102,11 +117,11 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None =
     quiet_libraries()
     seed_everything(cfg.seed)
     steps = [STAGES[s]() for s in stages]
-    judge = registry.create("judge", cfg.behave.judge)
     # 1. everything that can be wrong with the input fails before the model loads or a folder
-    #    is made
+    #    is made; a judge that cannot load (weights, server) included
     for st in steps:
         st.check(cfg)
+    judge = load_judge(cfg.judge)
     # 2. the model, and what can be wrong only with this model
     lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
     for st in steps:
@@ -147,6 +162,7 @@ def run_many(acfg, command: str) -> tuple[Path, Summary]:
     for c in cfgs:  # every model's input checked before the first one starts
         for s in stages:
             STAGES[s]().check(c)
+    load_judge(acfg.judge)  # a judge that cannot load stops the run before any model loads
     run = open_run(acfg.output_dir, acfg.model_dump(), "audit")
     try:
         for e, c in zip(entries, cfgs):

@@ -44,6 +44,18 @@ def make_judge(spec: Any, options: JudgeOptions | None = None) -> Judge:
 
 def judge_label(judge: Judge) -> str:
     """The short name a table shows for a judge: its spec."""
-    d = judge.describe()
-    t = d.get("parameters", {}).get("target")
-    return f"{d['name']}:{t}" if t else d["name"]
+    return judge_spec(judge.describe())
+
+
+def judge_spec(desc: dict) -> str:
+    """A judge's description (as results record it) written as its spec: ``guard:PATH``,
+    ``fallback(api:strongreject -> substring)``, ``majority(substring, guard:PATH)``."""
+    if not isinstance(desc, dict) or "name" not in desc:
+        return str(desc)
+    p = desc.get("parameters") or {}
+    if desc["name"] == "fallback" and "primary" in p:
+        return f"fallback({judge_spec(p['primary'])} -> {judge_spec(p['fallback'])})"
+    if desc["name"] == "ensemble" and "judges" in p:
+        return f"{p.get('rule', 'majority')}({', '.join(judge_spec(j) for j in p['judges'])})"
+    t = p.get("target")
+    return f"{desc['name']}:{t}" if t else str(desc["name"])

@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from ..errors import UserError
+from ..judges.spec import judge_spec
 from ..metrics.stats import Estimate
 
 DEFAULT_FAMILY = "pgd"
@@ -40,7 +41,7 @@ METRICS: list[tuple[str, str]] = [
     ("ag_ft", "AG_ft"),
 ]
 JSON_KEYS = ("model", "S", "over_refusal", "lvs", "lvs_layer", "lvs_family", "directions_from",
-             "r_ft", "ag_latent", "ag_ft", "run_dir")
+             "r_ft", "ag_latent", "ag_ft", "run_dir", "judge")
 
 
 def load_summary(run_dir: str | Path):
@@ -89,6 +90,8 @@ class Headline:
     # the model whose refusal directions steer and ablate used (latent.directions_from; None:
     # the audited model's own)
     directions_from: str | None = None
+    # the judge whose verdicts made this row's figures (its spec; None: no judged stage)
+    judge: str | None = None
     notes: list[str] = field(default_factory=list)
     scores: Any = None                     # (prompt ids, eps range, {layer: ε* list}) for gaps
 
@@ -137,6 +140,13 @@ def model_headline(m, run_dir: str, family: str | None = None) -> Headline:
         if h.over_refusal is None and len(b.over_refusal) == 1:
             h.over_refusal = next(iter(b.over_refusal.values()))
     lat = m.latent
+    judges = {judge_spec(st.judge) for st in (b, lat) if st is not None and st.judge}
+    if m.tamper is not None and m.tamper.judge:
+        judges.add(judge_spec(m.tamper.judge))
+    h.judge = " / ".join(sorted(judges)) or None
+    if len(judges) > 1:
+        h.notes.append("the stages of this row were judged by different judges: "
+                       + ", ".join(sorted(judges)))
     if lat is not None:
         fam = pick_family(lat, family)
         h.family = fam
@@ -197,6 +207,8 @@ def paired_lvs_gap(a: Headline, b: Headline, seed: int = 0) -> tuple[Estimate | 
         return None, f"different harmful prompt sets ({set_a[0]} vs {set_b[0]})"
     if tuple(rng_a) != tuple(rng_b):
         return None, f"different budget ranges (eps {rng_a} vs {rng_b})"
+    if a.judge != b.judge:  # verdicts of two judges never meet in one figure
+        return None, f"different judges ({a.judge} vs {b.judge})"
     pos_b = {p: i for i, p in enumerate(ids_b)}
     common = [(i, pos_b[p]) for i, p in enumerate(ids_a) if p in pos_b]
     if not common or not la or not lb:
@@ -284,7 +296,7 @@ def rows_json(rows: list[Headline]) -> list[dict[str, Any]]:
             "lvs": estimate_json(h.lvs), "lvs_layer": h.lvs_layer, "lvs_family": h.family,
             "directions_from": h.directions_from, "r_ft": estimate_json(h.r_ft),
             "ag_latent": estimate_json(h.ag_latent), "ag_ft": estimate_json(h.ag_ft),
-            "run_dir": h.run_dir,
+            "run_dir": h.run_dir, "judge": h.judge,
         })
         if h.lvs_gap_against is not None:
             out[-1]["lvs_gap"] = estimate_json(h.lvs_gap)
@@ -344,9 +356,19 @@ def format_table(rows: list[Headline]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
              for r in [head, ["-" * w for w in widths]] + body]
     lines.append("cells: value [95% CI] (n); 'not run': the stage is absent from summary.json")
+    lines.append(_judges_line(rows))
     if gap:
         lines.append("ΔLVS(M): paired over the prompts both models audited (bootstrap CI)")
     return "\n".join(lines) + "\n"
+
+
+def _judges_line(rows: list[Headline]) -> str:
+    """Which judge made the figures: one line when every row shares it, else one per row."""
+    judges = dict.fromkeys(h.judge or "none" for h in rows)
+    if len(judges) == 1:
+        return f"judge: {_one_line(next(iter(judges)))}"
+    return "judges differ — " + "; ".join(f"{_one_line(h.model)}: {_one_line(h.judge or 'none')}"
+                                          for h in rows)
 
 
 def format_markdown(rows: list[Headline]) -> str:
@@ -361,7 +383,7 @@ def format_markdown(rows: list[Headline]) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_HEADER = (["run_dir", "model", "lvs_family", "lvs_layer", "directions_from"]
+CSV_HEADER = (["run_dir", "model", "judge", "lvs_family", "lvs_layer", "directions_from"]
               + [f"{k}{s}" for k, _ in METRICS for s in ("", "_lo", "_hi", "_n")])
 
 
@@ -373,7 +395,7 @@ def format_csv(rows: list[Headline]) -> str:
     w.writerow(CSV_HEADER + (["lvs_gap_against", "lvs_gap", "lvs_gap_lo", "lvs_gap_hi",
                               "lvs_gap_n"] if gap else []))
     for h in rows:
-        line: list[Any] = [h.run_dir, h.model, h.family or "",
+        line: list[Any] = [h.run_dir, h.model, h.judge or "", h.family or "",
                            "" if h.lvs_layer is None else h.lvs_layer, h.directions_from or ""]
         for k in metrics:
             if k == "lvs_gap":

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..files import write_text
+from ..judges.spec import judge_spec
 from ..runs import keys
 from ..runs.store import ResultStore
 from .compare import add_lvs_gaps, fmt_estimate, headlines, load_summary, pick_family
@@ -183,6 +184,7 @@ def _env():
     env = Environment(loader=PackageLoader("latentaudit.report", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["est"] = fmt_estimate
+    env.filters["judge"] = judge_spec
     env.filters["yn"] = lambda v: "—" if v is None else ("yes" if v else "no")
     env.filters["tojson_pretty"] = lambda obj: json.dumps(obj, indent=2, ensure_ascii=False,
                                                           default=str, sort_keys=True)

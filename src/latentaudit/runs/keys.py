@@ -3,7 +3,8 @@
 A key names one unit of work; the settings that change its result are hashed into it, so one
 folder never serves a result computed under other settings::
 
-    behave/{model}/{generation}/{set}/{prompt}                  a judged greedy response
+    gen/{model}/{generation}/{set}/{prompt}                     a greedy response, not judged
+    behave/{model}/{judged}/{set}/{prompt}                      a judged greedy response
     latent/{model}/clean/{settings}/{prompt}                    the latent stage's clean response
     latent/{model}/{family}/{settings}/L{layer}/{prompt}/{eps}  one push at one budget
     latent/{model}/{family}/{settings}/{prompt}                 an unbounded family's response
@@ -41,8 +42,15 @@ def model_key(lm) -> str:
     return f"{slug(lm.spec.replace(':', '-').replace('/', '-'))}-{h}"
 
 
-def behave_prefix(model_key: str, generation: str, set_name: str) -> str:
-    return f"behave/{model_key}/{generation}/{set_name}/"
+def behave_prefix(model_key: str, judged: str, set_name: str) -> str:
+    """Judged responses: ``judged`` hashes the generation settings and the judge."""
+    return f"behave/{model_key}/{judged}/{set_name}/"
+
+
+def generation_prefix(model_key: str, generation: str, set_name: str) -> str:
+    """Responses alone, under generation settings without the judge: another judge re-judges
+    them without generating again."""
+    return f"gen/{model_key}/{generation}/{set_name}/"
 
 
 def model_prefix(stage: str, model_key: str) -> str:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.sets import DatasetInfo, PromptSet, load_prompt_set
 from ..errors import UserError
+from ..judges.base import JudgeError
 from ..metrics.stats import Estimate, estimate_mean
 from ..models.generate import Generation, greedy_generate
 from ..runs import keys
@@ -40,7 +41,6 @@ class BehaveConfig(BaseModel):
         description="harmless prompt sets (over-refusal)")
     max_new_tokens: int = Field(32, gt=0, le=4096, description="greedy tokens per response (the "
                                 "judge reads the opening sentences: benchmarks/bench_eval_tokens.py)")
-    judge: str = Field("substring", description="judge name (latentaudit ls judges)")
     system: str | None = Field(None, description="system prompt (default: the chat template's own)")
     prompt_col: str | None = Field(None, description="prompt column of local/hub files")
 
@@ -71,8 +71,14 @@ class GenSettings:
     system: str | None = None
 
     def key(self, model_key: str, judge_desc: dict) -> str:
+        """The hash of the judged records: the generation settings and the judge."""
         return keys.settings_hash({"model": model_key, "max_new_tokens": self.max_new_tokens,
                                    "system": self.system, "judge": judge_desc})
+
+    def generation_key(self, model_key: str) -> str:
+        """The hash of the responses alone (no judge)."""
+        return keys.settings_hash({"model": model_key, "max_new_tokens": self.max_new_tokens,
+                                   "system": self.system})
 
 
 def _check_ids(ps: PromptSet) -> None:
@@ -88,6 +94,17 @@ def records_prefix(model_key: str, set_name: str, judge, settings: GenSettings) 
     return keys.behave_prefix(model_key, settings.key(model_key, judge.describe()), set_name)
 
 
+def _verdict_fields(v) -> dict:
+    """A verdict as stored: label, score, reason, and its provenance where it has any (the
+    member of a composite judge that decided; a judge model's raw answer)."""
+    out = {"verdict": v.label, "score": v.score, "reason": v.reason}
+    if v.judge:
+        out["verdict_judge"] = v.judge
+    if v.raw is not None:
+        out["judge_raw"] = v.raw
+    return out
+
+
 def behave_records(
     lm,
     store: ResultStore,
@@ -99,34 +116,57 @@ def behave_records(
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Generate and judge every prompt of ``ps`` not yet in the store; return all records in
-    the order of ``ps``."""
+    the order of ``ps``. A response is stored before it is judged, so a judge that fails (or
+    another judge later) re-judges it without generating it again."""
     _check_ids(ps)
     prefix = records_prefix(model_key, ps.name, judge, settings)
+    gprefix = keys.generation_prefix(model_key, settings.generation_key(model_key), ps.name)
     done = store.keys_with_prefix(prefix)
     todo = [p for p in ps.prompts if prefix + p.id not in done]
     if progress and len(ps) - len(todo):
         progress(len(ps) - len(todo))
+    generated = store.keys_with_prefix(gprefix)
+    stored = [p for p in todo if gprefix + p.id in generated]
+    fresh = [p for p in todo if gprefix + p.id not in generated]
+
+    def judge_and_store(prompts: list, gens: list[dict]) -> None:
+        try:
+            verdicts = judge.judge([p.text for p in prompts], [g["response"] for g in gens])
+        except JudgeError as e:  # keep the rows that were judged before the error goes up
+            verdicts = getattr(e, "partial", None) or []
+            _put_judged(store, prefix, ps, role, prompts, gens, verdicts)
+            raise
+        _put_judged(store, prefix, ps, role, prompts, gens, verdicts)
+        if progress:
+            progress(len(prompts))
+
+    for i in range(0, len(stored), settings.batch_size):
+        chunk = stored[i:i + settings.batch_size]
+        judge_and_store(chunk, [store.get(gprefix + p.id) for p in chunk])
 
     def commit(idx: list[int], gens: list[Generation]) -> None:
-        prompts = [todo[i] for i in idx]
-        verdicts = judge.judge([p.text for p in prompts], [g.response for g in gens])
-        store.put_many(
-            (prefix + p.id, "behave", {
-                "set": ps.name, "role": role, "prompt_id": p.id, "prompt": p.text,
-                "category": p.category, "response": g.response, "n_new_tokens": g.n_new_tokens,
-                "verdict": v.label, "score": v.score, "reason": v.reason,
-            })
-            for p, g, v in zip(prompts, gens, verdicts)
-        )
-        if progress:
-            progress(len(idx))
+        prompts = [fresh[i] for i in idx]
+        rows = [{"prompt_id": p.id, "response": g.response, "n_new_tokens": g.n_new_tokens}
+                for p, g in zip(prompts, gens)]
+        store.put_many((gprefix + p.id, "behave", r) for p, r in zip(prompts, rows))
+        judge_and_store(prompts, rows)
 
-    if todo:
-        greedy_generate(lm, [p.text for p in todo], settings.max_new_tokens,
+    if fresh:
+        greedy_generate(lm, [p.text for p in fresh], settings.max_new_tokens,
                         settings.batch_size, settings.system, on_batch=commit)
     records = [store.get(prefix + p.id) for p in ps.prompts]
     assert all(r is not None for r in records)
     return records  # type: ignore[return-value]
+
+
+def _put_judged(store: ResultStore, prefix: str, ps: PromptSet, role: str, prompts: list,
+                gens: list[dict], verdicts: list) -> None:
+    store.put_many(
+        (prefix + p.id, "behave", {
+            "set": ps.name, "role": role, "prompt_id": p.id, "prompt": p.text,
+            "category": p.category, "response": g["response"], "n_new_tokens": g["n_new_tokens"],
+            **_verdict_fields(v)})
+        for p, g, v in zip(prompts, gens, verdicts) if v is not None)
 
 
 def refusal_flags(records: list[dict]) -> list[float]:
