@@ -11,7 +11,7 @@ from latentaudit.config import RunConfig, resolve_config
 from latentaudit.data.sets import Prompt, PromptSet
 from latentaudit.errors import UserError
 from latentaudit.judges.base import Judge, JudgeError, Verdict
-from latentaudit.judges.compose import EnsembleJudge, FallbackJudge, JudgeConfig
+from latentaudit.judges.compose import EnsembleJudge, FallbackJudge, JudgeConfig, from_config
 from latentaudit.judges.spec import make_judge
 from latentaudit.runs.store import ResultStore
 from latentaudit.stages import behave as behave_mod
@@ -88,7 +88,7 @@ def test_specs():
         make_judge("guard")
     with pytest.raises(UserError, match="takes no target"):
         make_judge("substring:x")
-    j = make_judge({"ensemble": ["substring", "substring"], "rule": "all", "fallback": "substring"})
+    j = from_config({"ensemble": ["substring", "substring"], "rule": "all", "fallback": "substring"})
     assert isinstance(j, FallbackJudge) and isinstance(j.primary, EnsembleJudge)
 
 
@@ -167,3 +167,20 @@ def test_judges_are_listed_with_what_they_need(capsys):
     for kind in ("substring", "classifier:TARGET", "guard:TARGET", "seqcls:TARGET", "api:TARGET"):
         assert kind in text
     assert registry.get("judge", "api").takes_target
+
+
+def test_a_second_judge_on_the_same_responses_reports_its_agreement(tiny_lm, tmp_path):
+    """behave with one judge, then others into the same store: each summary says how far it
+    agrees with every other judge on the stored responses."""
+    from latentaudit.stages.behave import run_behave
+
+    store = ResultStore(tmp_path / "s.sqlite")
+    settings = GenSettings(max_new_tokens=4, batch_size=3)
+    first = run_behave(tiny_lm, store, "tiny", _ps(6), [], Fixed("refusal", "a"), settings)
+    assert first.other_judges == {}
+    second = run_behave(tiny_lm, store, "tiny", _ps(6), [], Fixed("compliance", "b"), settings)
+    (spec, a), = second.other_judges.items()
+    assert spec == "a" and a["n"] == 6 and a["agreement"]["value"] == 0.0
+    third = run_behave(tiny_lm, store, "tiny", _ps(6), [], Fixed("refusal", "c"), settings)
+    assert third.other_judges["a"]["agreement"]["value"] == 1.0
+    assert third.other_judges["b"]["agreement"]["value"] == 0.0

@@ -43,7 +43,7 @@ app = typer.Typer(
 # the flags every stage verb offers (fields of RunConfig: help and defaults come from there)
 COMMON = [("model", "--model", "-m"), "limit", "seed", "device", "dtype",
           ("output_dir", "--output-dir", "-o"), "data_dir", "batch_size", "progress",
-          "trust_remote_code"]
+          "trust_remote_code", "allow_pickle"]
 # the judge of every stage (--judge-* flags: a model-backed judge's device, an API judge's server)
 JUDGE = [("judge.name", "--judge"), ("judge.fallback", "--judge-fallback"),
          ("judge.device", "--judge-device"), ("judge.url", "--judge-url"),
@@ -98,7 +98,8 @@ def directions(cfg) -> None:
     # this verb computes --model's own directions (a reference's: --model REFERENCE)
     cfg = cfg.model_copy(update={"latent": cfg.latent.model_copy(update={"directions_from": None})})
     quiet_libraries()
-    lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code,
+                    allow_pickle=cfg.allow_pickle)
     run = open_run(cfg.output_dir, cfg.model_dump(), cfg.model)
     try:
         d = get_directions(lm, run, model_key(lm), cfg)
@@ -286,6 +287,8 @@ def judge_cmd(
     judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="the model name an API judge's server serves")] = None,
     judge_key_env: Annotated[str, typer.Option("--judge-key-env", help="environment variable holding an API judge's key")] = "OPENAI_API_KEY",
     judge_batch_size: Annotated[int, typer.Option("--judge-batch-size", help="rows per batch for a model-backed judge")] = 8,
+    allow_pickle: Annotated[bool, typer.Option(help="allow a judge model with pickle weights (unpickling can run code)")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="allow a judge model's own code")] = False,
 ) -> None:
     """Re-score a file of (prompt, response) rows with one or more judges; with --labels,
     measure each judge against human labels (and judges against each other)."""
@@ -296,7 +299,8 @@ def judge_cmd(
     if judge_batch_size < 1:
         raise UserError(f"--judge-batch-size must be >= 1 (got {judge_batch_size})")
     opts = JudgeOptions(device=judge_device, url=judge_url, model=judge_model,
-                        key_env=judge_key_env, batch_size=judge_batch_size)
+                        key_env=judge_key_env, batch_size=judge_batch_size,
+                        extra={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code})
     specs = [s.strip() for s in judge.split(",")]
     if len(set(specs)) != len(specs):
         raise UserError(f"--judge names a judge twice: {judge}")
@@ -413,9 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="latentaudit",
                  standalone_mode=False)
-    except UserError as e:
+    except UserError as e:  # exit 2; a DiskFault (full disk mid-run, a fault: not bad input) 1
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except JudgeError as e:  # a fault, not bad input: what was judged is stored
         print(f"error: {' '.join(str(e).split())[:300]}; the verdicts and responses already "
               "stored are kept: rerun the same command to resume (or add --judge-fallback)",

@@ -24,8 +24,18 @@ def print_behave(summary, run_dir) -> None:
         for name, est in b.over_refusal.items():
             t.add_row("over-refusal", name, est.fmt(), str(est.n))
         console.print(t)
+    for m in summary.models:
+        for spec, a in m.behave.other_judges.items():
+            ag, k = a["agreement"], a["kappa"]
+            console.print(f"agreement with {escape(spec)} on the same responses: "
+                          f"{_num(ag['value'])} [{_num(ag['lo'])}, {_num(ag['hi'])}], "
+                          f"kappa {_num(k['value'])} (n={a['n']})")
     console.print(f"judge: {escape(judge_spec(summary.models[0].behave.judge))}; "
                   f"results: {escape(str(run_dir))}/summary.json")
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def print_latent(summary, run_dir) -> None:

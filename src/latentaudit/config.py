@@ -36,7 +36,10 @@ class RunConfig(_Strict):
                                    "or the earlier folder of the same config, resumed)")
     data_dir: str | None = Field(None, description="folder with local copies of the standard "
                                  "sets (layout of shared/data); otherwise they load from the hub")
-    trust_remote_code: bool = Field(False, description="allow a hub model's own code")
+    trust_remote_code: bool = Field(False, description="allow a model's own code (auto_map, .py "
+                                    "files in its folder or hub repository)")
+    allow_pickle: bool = Field(False, description="load pickle weights (.bin, .pt, .pth, .ckpt) "
+                               "of a model without safetensors: unpickling can run arbitrary code")
     batch_size: int = Field(32, gt=0, description="prompts per generation batch")
     progress: Literal["auto", "rich", "plain", "none"] = Field("auto", description="progress display")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="the judge of every "
@@ -113,20 +116,101 @@ def format_validation_error(e: ValidationError, where: str = "config") -> str:
     return f"{where}: " + "; ".join(parts) + more
 
 
+class _ConfigProblem(Exception):
+    """A config YAML that parses but must be refused: (line, message)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases and repeated keys. A run config never needs an alias,
+    and refusing them outright stops a "billion laughs" document (a few lines whose aliases
+    expand to billions of nodes) before anything walks it; PyYAML keeps the last of repeated
+    keys silently, which would drop a setting the user wrote."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            ev = self.peek_event()
+            raise _ConfigProblem(ev.start_mark.line + 1, f"an alias (*{ev.anchor}): aliases "
+                                 "are not allowed in a config, write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+            except TypeError:  # an unhashable key: the base constructor reports it
+                continue
+            if dup:
+                raise _ConfigProblem(key_node.start_mark.line + 1, f"key {key!r} appears twice "
+                                     "in one mapping (YAML would keep only the last)")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+MAX_CONFIG_DEPTH = 20  # a run config nests three levels or so; deeper is not a config
+
+
+def _depth(v: Any) -> int:
+    """Nesting depth of loaded YAML, counted up to MAX_CONFIG_DEPTH + 1 (iteratively)."""
+    deepest, todo = 0, [(v, 1)]
+    while todo:
+        x, d = todo.pop()
+        deepest = max(deepest, d)
+        if d <= MAX_CONFIG_DEPTH and isinstance(x, (list, dict)):
+            todo.extend((y, d + 1) for y in (list(x) + list(x.values()) if isinstance(x, dict) else x))
+    return deepest
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file ({} for an empty one). Bad input is one
+    UserError naming the file and line: a missing or unreadable file, bytes that are not
+    UTF-8, invalid YAML (a tab in the indentation is named), a repeated key, an alias, nesting
+    deeper than MAX_CONFIG_DEPTH, or a top level that is not a mapping."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror or type(e).__name__}") from None
+    skip = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 BOM is dropped
+    try:
+        text = raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = e.start + skip
+        line = raw.count(b"\n", 0, at) + 1
+        raise UserError(f"config {path} line {line}: not UTF-8 text (byte {at})") from None
+    try:
+        data = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _ConfigProblem as e:
+        raise UserError(f"config {path} line {e.args[0]}: {e.args[1]}") from None
+    except RecursionError:
+        raise UserError(f"config {path}: nested deeper than {MAX_CONFIG_DEPTH} levels") from None
+    except yaml.reader.ReaderError as e:  # a control character; its position, not a mark
+        line = text.count("\n", 0, e.position) + 1
+        raise UserError(f"config {path} line {line}: invalid YAML (character "
+                        f"U+{e.character:04X} is not allowed)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"config {path}{where}: invalid YAML") from None
+        lines = text.split("\n")
+        bad_line = lines[mark.line] if mark and mark.line < len(lines) else ""
+        why = getattr(e, "problem", None) or ""
+        if why.startswith("but ") and getattr(e, "context", None):  # "expected X, but found Y"
+            why = f"{e.context}, {why}"
+        if "\t" in bad_line[: len(bad_line) - len(bad_line.lstrip())] or "'\\t'" in why:
+            why = "a tab character: YAML indents with spaces"
+        raise UserError(f"config {path}{where}: invalid YAML" + (f" ({why})" if why else "")) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config {path}: expected a mapping at the top level")
+        raise UserError(f"config {path}: expected a mapping (key: value lines) at the top level, "
+                        f"got {type(data).__name__}")
+    if _depth(data) > MAX_CONFIG_DEPTH:
+        raise UserError(f"config {path}: nested deeper than {MAX_CONFIG_DEPTH} levels")
     return data
 
 

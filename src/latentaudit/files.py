@@ -4,6 +4,7 @@ publishes is written beside its destination under a temporary name and moved int
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -13,19 +14,47 @@ from typing import Any, Iterator
 
 from .errors import UserError
 
+# the disk failed a write it was allowed to make: full, over quota, file too large, I/O error
+CAPACITY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+class DiskFault(UserError):
+    """A write the tool was allowed to make failed (disk full, quota, I/O error): not bad input,
+    so exit code 1, but one line like a :class:`UserError`; what was committed before is kept
+    and nothing is half-written, so rerunning the same command resumes."""
+
+    exit_code = 1
+
+
+def os_error(path: str | Path, e: OSError, what: str = "write") -> UserError:
+    """The one-line error for an ``OSError`` on ``path``: a :class:`DiskFault` (exit 1) when
+    the disk failed, else a :class:`UserError` (exit 2: the place cannot be written)."""
+    reason = e.strerror or str(e)
+    if e.errno in CAPACITY_ERRNOS:
+        return DiskFault(f"cannot {what} {path}: {reason}; nothing was half-written and the "
+                         "results stored so far are kept: free space and rerun the same command")
+    return UserError(f"cannot {what} {path}: {reason}")
+
 
 def write_text(path: str | Path, text: str) -> Path:
-    """``text`` to ``path`` (UTF-8): the old file or the new one, never half of one. A folder
-    that cannot be written is one line of :class:`UserError`."""
+    """``text`` to ``path`` (UTF-8); returns ``path``. A reader (or a crash, or a power cut)
+    sees the old file or the new one, never half of one. A folder that cannot be written is one
+    line of :class:`UserError`, a full disk one line of :class:`DiskFault`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            # a full disk often shows only here (delayed allocation); and without it a crash
+            # after the rename can leave an empty file under the final name
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise os_error(path, e) from None
     return path
 
 

@@ -17,7 +17,7 @@ from .models.loader import load_model
 from .progress import progress_factory
 from .runs import keys
 from .runs.provenance import environment
-from .runs.run import Run, open_run
+from .runs.run import Run, check_run_folder, open_run
 from .runs.summary import ModelSummary, Summary
 from .stages.base import Stage, StageContext
 from .stages.behave import BehaveStage
@@ -97,12 +97,15 @@ STAGES: dict[str, type[Stage]] = {s.name: s for s in (
 _JUDGES: dict[str, Any] = {}
 
 
-def load_judge(jcfg) -> Any:
-    """The judge of a config section, loaded once per process: a multi-model run's judge model
-    (or server check) is not reloaded for every audited model."""
-    key = jcfg.model_dump_json()
+def load_judge(cfg) -> Any:
+    """The judge of a run config, loaded once per process: a multi-model run's judge model (or
+    server check) is not reloaded for every audited model. The run's --allow-pickle and
+    --trust-remote-code apply to the judge's model too."""
+    jcfg = cfg.judge
+    extra = {"allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
+    key = jcfg.model_dump_json() + repr(sorted(extra.items()))
     if key not in _JUDGES:
-        judge = jcfg.build()
+        judge = jcfg.build(**extra)
         judge.load()
         _JUDGES.clear()  # one judge model in memory at a time
         _JUDGES[key] = judge
@@ -121,15 +124,18 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None =
     #    is made; a judge that cannot load (weights, server) included
     for st in steps:
         st.check(cfg)
-    judge = load_judge(cfg.judge)
+    own_run = run is None
+    if own_run:  # a folder another command writes into now: refused before any model loads
+        check_run_folder(cfg.output_dir, cfg.model_dump(), cfg.model)
+    judge = load_judge(cfg)
     # 2. the model, and what can be wrong only with this model
-    lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code,
+                    allow_pickle=cfg.allow_pickle)
     for st in steps:
         st.check_model(cfg, lm)
     # 3. the run folder, and one context the stages share
-    own_run = run is None
     if own_run:
-        run = open_run(cfg.output_dir, cfg.model_dump(), cfg.model)
+        run = open_run(cfg.output_dir, cfg.model_dump(), cfg.model, command=command)
     try:
         key = keys.model_key(lm)
         ms = ModelSummary(key=key, name=name, model={**lm.info, "n_layers": lm.n_layers})
@@ -162,8 +168,10 @@ def run_many(acfg, command: str) -> tuple[Path, Summary]:
     for c in cfgs:  # every model's input checked before the first one starts
         for s in stages:
             STAGES[s]().check(c)
-    load_judge(acfg.judge)  # a judge that cannot load stops the run before any model loads
-    run = open_run(acfg.output_dir, acfg.model_dump(), "audit")
+    # one lock for the whole command: every model writes through this one open run
+    check_run_folder(acfg.output_dir, acfg.model_dump(), "audit")
+    load_judge(acfg)  # a judge that cannot load stops the run before any model loads
+    run = open_run(acfg.output_dir, acfg.model_dump(), "audit", command=command)
     try:
         for e, c in zip(entries, cfgs):
             print(f"== {e.name}: {e.spec} ({', '.join(stages)})", file=sys.stderr, flush=True)

@@ -16,9 +16,13 @@ Every set carries a sha256 of its prompts so results record exactly what was ask
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import json
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -194,7 +198,7 @@ def _load_standard(spec: str, data_dir) -> PromptSet:
         path = Path(data_dir).expanduser() / st.local
         if not path.exists():
             raise UserError(f"'{alias}' not found under --data-dir {data_dir} (expected {st.local})")
-        rows = _read_rows(path)
+        rows = read_table(path)
         src = str(path)
     else:
         rows = _hub_rows(st.hub_id, st.hub_split)
@@ -231,78 +235,225 @@ def _hub_rows(name: str, split: str) -> list[dict]:
     return [dict(r) for r in ds]
 
 
+# Both bounds at once usually mean rows swallowed by a quote left open; the standard sets' prompts
+# stay under 500 characters and 12 lines. A warning only: a long jailbreak prompt can be real.
+LONG_PROMPT_CHARS = 4000
+LONG_PROMPT_LINES = 20
+MAX_JSON_DEPTH = 100  # deeper than any row needs; far deeper input would overflow the stack
+
+
 def load_file(path: Path, prompt_col: str | None = None) -> PromptSet:
-    rows = _read_rows(path)
+    """The prompts of a local .csv/.json/.jsonl file: returns a PromptSet. A malformed file,
+    a prompt column empty in most rows, a non-text prompt or a repeated id is one UserError."""
+    rows = read_table(path)
     if not rows:
         raise UserError(f"{path} has no rows")
-    prompts = [_row_to_prompt(r, i, _pick_column(r, prompt_col, str(path), i), path.stem)
-               for i, r in enumerate(rows, 1)]
+    cols = [_pick_column(r, prompt_col, str(path), i) for i, r in enumerate(rows, 1)]
+    empty = sum(1 for r, c in zip(rows, cols) if _is_empty(r.get(c)))
+    if empty * 2 > len(rows):  # a wrong column, or one broken quote that swallowed the rest
+        names = ", ".join(sorted(set(cols), key=cols.index))
+        raise UserError(f"{path}: prompt column '{names}' is empty in {empty} of {len(rows)} rows "
+                        "(wrong --prompt-col?)")
+    prompts = [_row_to_prompt(r, i, c, path.stem, where=str(path))
+               for i, (r, c) in enumerate(zip(rows, cols), 1)]
+    first: dict[str, str] = {}
+    for i, (r, p) in enumerate(zip(rows, prompts), 1):
+        at = first.setdefault(p.id, _where(r, i, str(path)))
+        if at != _where(r, i, str(path)):  # results are stored per id: a repeat would share them
+            raise UserError(f"{_where(r, i, str(path))}: id '{p.id}' is already used ({at})")
     return PromptSet(path.name, prompts, str(path), {"prompt_col": prompt_col})
 
 
 def read_table(path: Path) -> list[dict]:
-    """Rows of a CSV, JSON (a list of objects) or JSONL file; one-line errors name the line."""
-    return _read_rows(path)
-
-
-def _read_rows(path: Path) -> list[dict]:
+    """Rows of a CSV, JSON (a list of objects) or JSONL file, each with its first line in
+    ``__line__`` (CSV, JSONL); bad input is one UserError naming the file and line."""
     suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a directory, not a data file") from None
+    if suffix not in (".csv", ".json", ".jsonl"):
+        raise UserError(f"unsupported file type '{suffix}' for {path} (use .csv, .json or .jsonl)")
+    text = _read_text(path)
     if not text.strip():
         raise UserError(f"{path} is empty")
     if suffix == ".jsonl":
         return _read_jsonl_text(text, str(path))
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
-        if isinstance(data, dict):  # {"data": [...]} or {"rows": [...]}
-            lists = [v for v in data.values() if isinstance(v, list)]
-            data = lists[0] if len(lists) == 1 else None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON list of objects")
-        for i, r in enumerate(data, 1):
-            if not isinstance(r, dict):
-                raise UserError(f"{path} item {i}: expected an object, got {type(r).__name__}")
-        return data
-    if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines(keepends=True))
-        if not reader.fieldnames:
+    return _read_json_list(text, path) if suffix == ".json" else _read_csv_text(text, path)
+
+
+def _read_text(path: Path) -> str:
+    """The file's text: UTF-8 (a leading BOM dropped), line endings made ``\\n``; undecodable
+    bytes, NUL bytes and UTF-16 are one UserError."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a data file") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise UserError(f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark): "
+                        "save it as UTF-8")
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # Excel writes one
+    try:
+        text = raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = e.start + skip
+        line = raw.count(b"\n", 0, at) + 1
+        raise UserError(f"{path} is not UTF-8 text (line {line}, byte {at})") from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise UserError(f"{path} line {line}: a NUL byte (a binary file, or UTF-16/32 text?)")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as universal newlines read it
+
+
+def _read_csv_text(text: str, path: Path) -> list[dict]:
+    # strict: a stray quote is an error, and so is a quote still open at the end of the file
+    # (the lenient reader would silently make the rest of the file one field)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start, rows = 1, []
+    try:
+        header = next(reader, [])
+        if not header:
             raise UserError(f"{path} has no header row")
-        rows = []
-        for r in reader:
-            if None in r:  # more fields than the header
-                raise UserError(f"{path} line {reader.line_num}: more fields than the header has")
-            if any(v is None for v in r.values()):
-                raise UserError(f"{path} line {reader.line_num}: fewer fields than the header has")
-            r["__line__"] = reader.line_num
-            rows.append(r)
-        return rows
-    raise UserError(f"unsupported file type '{suffix}' for {path} (use .csv, .json or .jsonl)")
+        sep = next((c for c in ";\t|" if len(header) == 1 and c in header[0]), None)
+        if sep is not None:  # a spreadsheet's export in another locale or a .tsv renamed
+            raise UserError(f"{path} line 1: one column {header[0]!r}: separate columns with "
+                            f"commas, not {sep!r}")
+        dup = next((c for c, k in Counter(header).items() if k > 1), None)
+        if dup is not None or "__line__" in header:
+            what = f"column {dup!r} appears twice" if dup is not None else "'__line__' is reserved"
+            raise UserError(f"{path} line 1: {what} in the header")
+        while True:
+            start = reader.line_num + 1
+            fields = next(reader, None)
+            if fields is None:
+                return rows
+            if fields and len(fields) != len(header):  # [] is a blank line
+                more = "more" if len(fields) > len(header) else "fewer"
+                raise UserError(f"{path} line {start}: {more} fields than the header has "
+                                f"({len(fields)}, not {len(header)})")
+            if fields:
+                rows.append({**dict(zip(header, fields)), "__line__": start})
+    except csv.Error as e:
+        opened = _open_quote_line(text, start)
+        if opened is not None:
+            raise UserError(f"{path} line {opened}: a quote opened here is never closed "
+                            "(the rest of the file would be one field)") from None
+        span = f" (in the row that starts on line {start})" if start != reader.line_num else ""
+        raise UserError(f"{path} line {reader.line_num}: malformed CSV ({e}){span}") from None
+
+
+def _open_quote_line(text: str, start_line: int) -> int | None:
+    """The line where a quoted field opens that runs to the end of ``text``, scanning from
+    line ``start_line`` (a record's first) by the reader's rules; None if every quote closes."""
+    pos = sum(len(s) + 1 for s in text.split("\n", start_line - 1)[: start_line - 1])
+    line, opened, field_start, n = start_line, None, True, len(text)
+    while pos < n:
+        c = text[pos]
+        if opened is not None:
+            if c == '"' and text[pos + 1: pos + 2] == '"':
+                pos += 1  # a doubled quote is a literal one
+            elif c == '"':
+                opened = None
+            line += c == "\n"
+            field_start = False
+        elif c == '"' and field_start:
+            opened, field_start = line, False
+        else:
+            field_start = c in ",\n"
+            line += c == "\n"
+        pos += 1
+    return opened
+
+
+def _json_type(v: object) -> str:
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+class _DuplicateKey(Exception):
+    """An object with a key twice (json.loads would keep the last one silently)."""
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        raise _DuplicateKey(next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])))
+    return out
+
+
+def _depth(v: object) -> int:
+    """Nesting depth of a JSON value, counted up to MAX_JSON_DEPTH + 1 (iteratively)."""
+    deepest, todo = 0, [(v, 1)]
+    while todo:
+        x, d = todo.pop()
+        deepest = max(deepest, d)
+        if d <= MAX_JSON_DEPTH and isinstance(x, (list, dict)):
+            todo.extend((y, d + 1) for y in (x.values() if isinstance(x, dict) else x))
+    return deepest
+
+
+def _json_loads(text: str, where: str) -> object:
+    """One JSON value; ``where`` ("FILE" or "FILE line N") prefixes the one-line error."""
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_pairs)
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except _DuplicateKey as e:
+        raise UserError(f"{where}: key {e.args[0]!r} appears twice in one object") from None
+    except json.JSONDecodeError as e:  # a JSONL line names its line; a JSON file, the decoder's
+        at = "" if " line " in where else f" line {e.lineno}"
+        raise UserError(f"{where}{at}: invalid JSON ({e.msg})") from None
+    except ValueError:  # e.g. an integer of more digits than Python converts
+        raise UserError(f"{where}: invalid JSON (a number too long to read)") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise UserError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _read_json_list(text: str, path: Path) -> list[dict]:
+    data = _json_loads(text, str(path))
+    if isinstance(data, dict):  # {"data": [...]} or {"rows": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise UserError(f"{path}: expected a JSON list of objects, got an object with "
+                            f"{len(lists)} lists in it")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of objects, got {_json_type(data)}")
+    for i, r in enumerate(data, 1):
+        if not isinstance(r, dict) or "__line__" in r:
+            what = "the key '__line__' is reserved" if isinstance(r, dict) else \
+                f"expected an object, got {_json_type(r)}"
+            raise UserError(f"{path} item {i}: {what}")
+    return data
 
 
 def _read_jsonl_text(text: str, where: str) -> list[dict]:
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines() would also split inside a string at U+2028 etc.
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where} line {n}: invalid JSON ({e.msg})") from None
-        if not isinstance(r, dict):
-            raise UserError(f"{where} line {n}: expected a JSON object")
+        r = _json_loads(line, f"{where} line {n}")
+        if not isinstance(r, dict) or "__line__" in r:
+            what = "the key '__line__' is reserved" if isinstance(r, dict) else \
+                f"expected a JSON object, got {_json_type(r)}"
+            raise UserError(f"{where} line {n}: {what}")
         r["__line__"] = n
         rows.append(r)
     return rows
+
+
+def _where(r: dict, i: int, where: str) -> str:
+    """``FILE line N`` for a row read from a line, ``FILE item N`` for a JSON list item."""
+    return f"{where} line {r['__line__']}" if "__line__" in r else f"{where} item {i}"
+
+
+def _is_empty(v: object) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip())
 
 
 def _pick_column(row: dict, wanted: str | None, where: str, i: int) -> str:
@@ -318,17 +469,29 @@ def _pick_column(row: dict, wanted: str | None, where: str, i: int) -> str:
                     "choose one with --prompt-col")
 
 
-def _row_to_prompt(r: dict, i: int, col: str, prefix: str, target_col: str | None = "target") -> Prompt:
-    line = r.get("__line__", i)
+def _opt_str(v: object) -> str | None:
+    return str(v) if v not in (None, "") else None
+
+
+def _row_to_prompt(r: dict, i: int, col: str, prefix: str, target_col: str | None = "target",
+                   where: str | None = None) -> Prompt:
+    """Row ``i`` as a Prompt (id ``PREFIX-0000i`` unless it has one); a missing, empty (or
+    null) or non-text prompt is one UserError naming the row (``where`` names the file)."""
+    at = _where(r, i, where or prefix)
     text = r.get(col)
-    if not isinstance(text, str) or not text.strip():
-        raise UserError(f"{prefix} line {line}: empty or missing '{col}'")
+    if _is_empty(text):
+        raise UserError(f"{at}: empty or missing '{col}'")
+    if not isinstance(text, str):
+        raise UserError(f"{at}: '{col}' is {_json_type(text)}, not text")
+    lines = text.count("\n") + 1
+    if len(text) > LONG_PROMPT_CHARS and lines > LONG_PROMPT_LINES:
+        warnings.warn(f"{at}: the prompt in '{col}' is {len(text)} characters over {lines} "
+                      "lines; a quote left open?", stacklevel=2)
     target = r.get(target_col) if target_col else None
-    pid = r.get("id")
     return Prompt(
-        id=str(pid) if pid not in (None, "") else f"{prefix}-{i:05d}",
+        id=_opt_str(r.get("id")) or f"{prefix}-{i:05d}",
         text=text.strip(),
-        category=(str(r["category"]) if r.get("category") not in (None, "") else None),
+        category=_opt_str(r.get("category")),
         target=target.strip() if isinstance(target, str) and target.strip() else None,
-        split=r.get("split"),
+        split=_opt_str(r.get("split")),
     )

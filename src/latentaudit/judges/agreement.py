@@ -315,8 +315,9 @@ class JudgeInput:
 def read_judge_input(path: Path, prompt_col: str, response_col: str,
                      label_col: str | None = None) -> JudgeInput:
     """Read and check a CSV/JSON/JSONL file of rows. Returns a :class:`JudgeInput`; an empty
-    file, a missing column or a non-text prompt/response is one line of UserError."""
-    from ..data.sets import read_table
+    file, a missing column or a non-text prompt/response (a number, a list; null counts as
+    empty) is one line of UserError. Empty prompts are allowed: a judge may need none."""
+    from ..data.sets import _json_type, read_table
 
     rows = read_table(path)
     if not rows:
@@ -329,9 +330,10 @@ def read_judge_input(path: Path, prompt_col: str, response_col: str,
             if col not in r:
                 names = ", ".join(k for k in r if k != "__line__")
                 raise UserError(f"{path} row {line}: no column '{col}' (columns: {names})")
-        if not isinstance(r[prompt_col], str) or not isinstance(r[response_col] or "", str):
-            raise UserError(f"{path} row {line}: prompt and response must be text")
-        prompts.append(r[prompt_col])
+        for col in (prompt_col, response_col):  # `or ""` would let 0 and false pass as empty
+            if r[col] is not None and not isinstance(r[col], str):
+                raise UserError(f"{path} row {line}: '{col}' is {_json_type(r[col])}, not text")
+        prompts.append(r[prompt_col] or "")
         responses.append(r[response_col] or "")
         where.append(f"{path} {'line' if '__line__' in r else 'item'} {line}")
         if label_col:

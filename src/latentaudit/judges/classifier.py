@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..models.loader import ModelSource, model_source
 from .base import Judge, JudgeOptions, Verdict
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
@@ -71,21 +71,13 @@ class _ModelJudge(Judge):
         self.dtype: torch.dtype | None = None
         self._special: re.Pattern[str] | None = None
 
-    def _source(self) -> tuple[str, str | None, bool]:
-        """(path or hub id, revision, local_files_only); UserError for a path that is not there."""
-        from ..models.loader import _HUB_ID
-
-        p = Path(self.target).expanduser()
-        if p.exists():
-            if not (p.is_dir() and (p / "config.json").is_file()):
-                raise UserError(f"{self.name} judge: {self.target} is not a model folder (no config.json)")
-            return str(p), None, True
-        hub_id, _, rev = self.target.partition("@")
-        if not _HUB_ID.match(hub_id):
-            raise UserError(f"{self.name} judge: model path not found: {self.target}")
-        offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
-                      for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-        return hub_id, rev or None, offline
+    def _source(self) -> ModelSource:
+        """The checked :class:`~latentaudit.models.loader.ModelSource` of the target: the model
+        loader's checks (pickle weights need extra["allow_pickle"], a model's own code
+        extra["trust_remote_code"]; an uncached hub id, a reachable hub); UserError otherwise."""
+        x = self.options.extra
+        return model_source(self.target, f"{self.name} judge: ", bool(x.get("allow_pickle")),
+                            bool(x.get("trust_remote_code")))
 
     def fingerprint(self) -> str:
         """The folder's :func:`folder_fingerprint`, or ``id@revision`` (``@main``) for a hub id;
@@ -134,8 +126,8 @@ class _ModelJudge(Judge):
 
         from ..models.loader import _prepare_tokenizer
 
-        src, rev, local = self._source()
-        kw = dict(revision=rev, local_files_only=local)
+        source = self._source()
+        src, kw = source.path, source.common()
         device, dtype, device_map = self._resolve_device()
         try:  # pad token eos where it has none, left padding (a causal judge reads the last token)
             self.tokenizer = tok = _prepare_tokenizer(AutoTokenizer.from_pretrained(src, **kw))
@@ -145,7 +137,7 @@ class _ModelJudge(Judge):
         extra = {"device_map": device_map} if device_map is not None else {}
         try:
             auto = getattr(transformers, self.auto_class)
-            model = auto.from_pretrained(src, dtype=dtype, **kw, **extra)
+            model = auto.from_pretrained(src, dtype=dtype, **kw, **source.weights(), **extra)
         except Exception as e:
             self.tokenizer = None
             raise self._fail("judge model", e) from None

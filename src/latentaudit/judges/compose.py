@@ -52,15 +52,16 @@ class JudgeConfig(BaseModel):
     def _from_string(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
-    def options(self) -> JudgeOptions:
+    def options(self, **extra: Any) -> JudgeOptions:
         return JudgeOptions(device=self.device, dtype=self.dtype, batch_size=self.batch_size,
                             max_response_tokens=self.max_response_tokens, url=self.url,
                             model=self.model, key_env=self.key_env, timeout_s=self.timeout_s,
-                            retries=self.retries)
+                            retries=self.retries, extra=extra)
 
-    def build(self) -> Judge:
-        """The judge this section names (not loaded)."""
-        opts = self.options()
+    def build(self, **extra: Any) -> Judge:
+        """The judge this section names (not loaded); ``extra``: the run's model-safety flags
+        (``allow_pickle``, ``trust_remote_code``), which apply to a judge's model as well."""
+        opts = self.options(**extra)
         if self.ensemble:
             judge: Judge = EnsembleJudge([make_judge(s, opts) for s in self.ensemble], self.rule)
         else:
@@ -70,9 +71,9 @@ class JudgeConfig(BaseModel):
         return judge
 
 
-def from_config(section: dict, options: JudgeOptions | None = None) -> Judge:
-    """A judge from a mapping in the form of the config's ``judge:`` section (which carries its
-    own options; ``options`` is unused, accepted for :func:`make_judge`'s signature)."""
+def from_config(section: dict | str) -> Judge:
+    """A judge from a spec or a mapping in the form of the config's ``judge:`` section (which
+    carries its own options)."""
     try:
         cfg = JudgeConfig.model_validate(section)
     except ValueError as e:

@@ -4,7 +4,8 @@
   ``api:strongreject`` / ``api:refusal`` (the rubric) — one judge;
 - ``{name: SPEC, fallback: SPEC}`` — the primary judge, and the fallback for the rows it cannot
   judge;
-- ``{ensemble: [SPEC, ...], rule: majority|all}`` — several judges, one verdict per row.
+- ``{ensemble: [SPEC, ...], rule: majority|all}`` — several judges, one verdict per row
+  (built by :mod:`.compose`, which depends on this module and not the other way round).
 """
 
 from __future__ import annotations
@@ -25,12 +26,9 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 
 
 def make_judge(spec: Any, options: JudgeOptions | None = None) -> Judge:
-    """The judge a spec names, not yet loaded (call ``load()`` before judging)."""
+    """The judge a spec names, not yet loaded (call ``load()`` before judging). A mapping (the
+    config's composite forms) is built by :func:`latentaudit.judges.compose.from_config`."""
     options = options or JudgeOptions()
-    if isinstance(spec, dict):
-        from .compose import from_config
-
-        return from_config(spec, options)
     kind, target = split_spec(spec)
     cls = registry.get("judge", kind)
     if getattr(cls, "takes_target", False):

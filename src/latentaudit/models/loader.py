@@ -9,7 +9,11 @@ A model spec is one of:
 - a Hugging Face hub id ``owner/name`` (downloads only when the user names one; ``@revision``
   may follow the id).
 
-``trust_remote_code`` is off unless the caller asks for it.
+A folder (or a hub model's locally cached copy) is checked before anything loads: pickle
+weights without safetensors need ``allow_pickle`` and a model's own code (``auto_map``, ``*.py``)
+needs ``trust_remote_code`` (unpickling and that code can both run anything). A hub id is read
+from the local cache when it is there; otherwise one short connection probe comes first, so
+that an offline machine gets one line at once instead of a minute of retries.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import json
 import logging
 import os
 import re
+import socket
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,16 +182,194 @@ def _is_checkpoint_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+# weights torch.load would unpickle; any of them beside a .safetensors file is never read
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``from_pretrained`` reads a model from, once :func:`model_source` has checked it."""
+
+    path: str  # a folder (a hub model's cached snapshot included), or a hub id to download
+    revision: str | None  # the hub revision asked for
+    local: bool  # local_files_only
+    trust_remote_code: bool
+    use_safetensors: bool | None  # None: transformers' own order (safetensors, then pickle)
+    hub_id: str | None = None
+    commit: str | None = None  # the cached snapshot's commit
+
+    def common(self) -> dict[str, Any]:
+        """Keyword arguments of every ``from_pretrained`` (config, tokenizer, weights)."""
+        return {"revision": self.revision if self.path == self.hub_id else None,
+                "local_files_only": self.local, "trust_remote_code": self.trust_remote_code}
+
+    def weights(self) -> dict[str, Any]:
+        """The extra keyword arguments of the weights' ``from_pretrained``."""
+        return {} if self.use_safetensors is None else {"use_safetensors": self.use_safetensors}
+
+
+def check_folder(folder: Path, label: str, allow_pickle: bool, trust_remote_code: bool) -> bool | None:
+    """Refuse (UserError, one line naming ``label``) a folder with its own code unless
+    ``trust_remote_code``, or with pickle weights and no safetensors unless ``allow_pickle``:
+    both run arbitrary code on load. Returns ``use_safetensors`` for the weights (None: no
+    weight file seen, transformers says what is missing)."""
+    names = sorted(f.name for f in folder.iterdir() if f.is_file())
+    code = _own_code(folder, names)
+    if code and not trust_remote_code:
+        raise UserError(f"{label} ships its own code ({code}): loading it would run that code; "
+                        "pass --trust-remote-code if you trust its source")
+    if any(n.endswith(".safetensors") for n in names):
+        return True
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if not pickles:
+        return None
+    if not allow_pickle:
+        more = f" and {len(pickles) - 1} more" if len(pickles) > 1 else ""
+        raise UserError(f"{label} has pickle weights ({pickles[0]}{more}) and no safetensors: "
+                        "unpickling can run arbitrary code; convert them to safetensors, or pass "
+                        "--allow-pickle if you trust their source")
+    return False
+
+
+def _own_code(folder: Path, names: list[str]) -> str | None:
+    """What makes transformers import code from the folder (auto_map, *.py), or None."""
+    for name in ("config.json", "tokenizer_config.json"):
+        if name in names:
+            try:
+                cfg = json.loads((folder / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # a broken file: transformers' own error says so at load
+            if isinstance(cfg, dict) and cfg.get("auto_map"):
+                return f"auto_map in {name}"
+    py = [n for n in names if n.endswith(".py")]
+    return (py[0] + (f" and {len(py) - 1} more .py files" if len(py) > 1 else "")) if py else None
+
+
+def hub_snapshot(hub_id: str, revision: str | None) -> Path | None:
+    """The local Hugging Face cache's folder of ``hub_id`` at ``revision`` (a branch, tag or
+    commit; default main) when it holds config.json and a weight file; otherwise None. Reads
+    the cache only, never the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cfg = try_to_load_from_cache(hub_id, "config.json", revision=revision)
+    except Exception:  # an id or revision the hub library rejects: not cached
+        return None
+    if not isinstance(cfg, str):
+        return None
+    snap = Path(cfg).parent
+    weights = (".safetensors",) + PICKLE_SUFFIXES
+    return snap if any(f.name.endswith(weights) and f.is_file() for f in snap.iterdir()) else None
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, now or at import."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or any(
+        os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the hub's endpoint (huggingface_hub.constants.ENDPOINT, or the proxy the
+    environment puts before it) accepts a TCP connection within ``timeout`` seconds; otherwise
+    the reason in a few words. A thread bounds name resolution too, which sockets do not."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = getproxies().get(url.scheme)
+    if proxy and not proxy_bypass(host):
+        purl = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = purl.hostname or host, purl.port or 80
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(e.strerror or str(e) or type(e).__name__)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return result[0] if result else f"no answer in {timeout:g} s"
+
+
+def model_source(target: str, who: str = "", allow_pickle: bool = False,
+                 trust_remote_code: bool = False, revision: str | None = None,
+                 use_cache: bool = True) -> ModelSource:
+    """Where ``target`` (a model folder, or a hub id ``owner/name[@revision]``) loads from, checked
+    by :func:`check_folder` (a hub model: its cached copy, when there is one). Returns a
+    ModelSource; UserError (prefixed by ``who``) for a missing path, a refused folder, or a hub
+    model that is not cached while the hub is offline or cannot be reached."""
+    p = Path(target).expanduser()
+    if p.exists():
+        if not (p.is_dir() and _is_checkpoint_dir(p)):
+            raise UserError(f"{who}{target} is not a model folder (no config.json)")
+        safe = check_folder(p, f"{who}model folder {target}", allow_pickle, trust_remote_code)
+        return ModelSource(str(p), None, True, trust_remote_code, safe)
+    hub_id, _, rev = target.partition("@")
+    if not _HUB_ID.match(hub_id):
+        raise UserError(f"{who}model path not found: {target}")
+    rev = rev or revision
+    snap = hub_snapshot(hub_id, rev) if use_cache else None
+    if snap is not None:
+        safe = check_folder(snap, f"{who}hub model '{hub_id}' (cached in {snap})", allow_pickle,
+                            trust_remote_code)
+        return ModelSource(str(snap), rev, True, trust_remote_code, safe, hub_id, snap.name)
+    what = f"{who}cannot load hub model '{hub_id}'"
+    if hub_offline():
+        raise UserError(f"{what}: HF_HUB_OFFLINE is set and the model is not (completely) in the "
+                        "local cache: download it elsewhere and pass its folder")
+    why = hub_unreachable()
+    if why is not None:
+        from urllib.parse import urlsplit
+
+        from huggingface_hub import constants
+
+        raise UserError(f"{what}: cannot reach {urlsplit(constants.ENDPOINT).netloc} ({why}) and "
+                        "the model is not in the local cache: download it elsewhere and pass its "
+                        "folder, or set HF_HUB_OFFLINE=1 to use a filled local cache")
+    # downloaded files are not listed before they are read: safetensors only, unless allowed
+    return ModelSource(hub_id, rev, False, trust_remote_code, None if allow_pickle else True, hub_id)
+
+
+def _from_pretrained(src: ModelSource, extra: dict[str, Any]) -> tuple[Any, Any]:
+    """(model, tokenizer) read from a checked source."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = src.common()
+    model = AutoModelForCausalLM.from_pretrained(src.path, **kw, **src.weights(), **extra)
+    return model, AutoTokenizer.from_pretrained(src.path, **kw)
+
+
+def _hub_failure(src: ModelSource, e: Exception) -> UserError:
+    what = f"cannot load hub model '{src.hub_id}'"
+    if src.use_safetensors and not src.local and "safetensors" in str(e):
+        what += (" (no safetensors weights? pickle weights need --allow-pickle: unpickling can "
+                 "run arbitrary code)")
+    else:
+        what += " (not a causal LM?)"
+    return UserError(f"{what}: {type(e).__name__}: {_first_line(e)}")
+
+
 def load_model(
     spec: str,
     device: str | None = "auto",
     dtype: str = "float32",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from any supported source."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Load a causal LM and its tokenizer from any supported source (returns a LoadedModel);
+    UserError for a source that is missing, unreachable, or refused by :func:`check_folder`."""
     torch_dtype = resolve_dtype(dtype)
     dev, device_map = resolve_device(device)
     info: dict[str, Any] = {"spec": spec, "dtype": str(torch_dtype).replace("torch.", ""),
@@ -205,52 +389,44 @@ def load_model(
         alias = spec.split(":", 1)[1]
         gguf = find_embedded_gguf(alias)
         info.update(source="embedded", gguf=str(gguf), doc=EMBEDDED[alias].doc)
-        path = _cached_gguf(gguf, info)
+        src = ModelSource(str(_cached_gguf(gguf, info)), None, True, False, True)
     elif spec.endswith(".gguf"):
         gguf = Path(spec).expanduser()
         _check_gguf(gguf)
         info.update(source="gguf", gguf=str(gguf.resolve()))
-        path = _cached_gguf(gguf, info)
+        src = ModelSource(str(_cached_gguf(gguf, info)), None, True, False, True)
     else:
-        p = Path(spec).expanduser()
-        looks_like_hub_id = bool(_HUB_ID.match(spec.split("@", 1)[0]))
-        if p.exists():
-            if not _is_checkpoint_dir(p):
-                raise UserError(f"{spec} is not a model checkpoint directory (no config.json)")
-            path = p
-            info.update(source="local", path=str(p.resolve()))
-        elif not looks_like_hub_id:
-            raise UserError(f"model path not found: {spec}")
+        src = model_source(spec, "", allow_pickle, trust_remote_code, revision)
+        if src.hub_id is None:
+            info.update(source="local", path=str(Path(src.path).resolve()))
         else:
-            if "@" in spec:
-                spec, revision = spec.split("@", 1)
-                info["revision"] = revision
-            path = None
-            info.update(source="hub", hub_id=spec)
+            spec = src.hub_id
+            info.update(source="hub", hub_id=src.hub_id, revision=src.revision)
+    path = Path(src.path) if src.hub_id is None else None
 
-    kwargs: dict[str, Any] = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    extra: dict[str, Any] = dict(dtype=torch_dtype)
     if device_map is not None:
-        kwargs["device_map"] = device_map
-    if path is not None:
+        extra["device_map"] = device_map
+    try:
+        model, tok = _from_pretrained(src, extra)
+    except UserError:
+        raise
+    except Exception as e:
+        if src.hub_id is None:
+            raise UserError(f"cannot load model from {src.path}: {type(e).__name__}: "
+                            f"{_first_line(e)}") from None
+        if not src.local:
+            raise _hub_failure(src, e) from None
+        # the cached copy is incomplete (a shard or the tokenizer missing): ask the hub
+        src = model_source(src.hub_id, "", allow_pickle, trust_remote_code, src.revision,
+                           use_cache=False)
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
-                                                trust_remote_code=trust_remote_code)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"cannot load model from {path}: {type(e).__name__}: {_first_line(e)}") from None
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, **kwargs)
-            tok = AutoTokenizer.from_pretrained(spec, revision=revision,
-                                                trust_remote_code=trust_remote_code)
-        except Exception as e:
-            raise UserError(
-                f"cannot load hub model '{spec}' (offline, or not a causal LM?): "
-                f"{type(e).__name__}: {_first_line(e)}"
-            ) from None
-        info["commit"] = getattr(model.config, "_commit_hash", None)
+            model, tok = _from_pretrained(src, extra)
+        except Exception as e2:
+            raise _hub_failure(src, e2) from None
+    if src.hub_id is not None:
+        info["commit"] = getattr(model.config, "_commit_hash", None) or src.commit
+        info["cached"] = src.local
     if path is not None:
         info["fingerprint"] = dir_fingerprint(Path(path))
         note = precision_note(Path(path), torch_dtype)

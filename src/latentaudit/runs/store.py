@@ -8,6 +8,7 @@ keys: a repeated write replaces, never duplicates).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -17,6 +18,26 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import UserError
+from ..files import DiskFault
+
+# SQLite's primary result codes (``sqlite3.Error.sqlite_errorcode & 0xff``, Python >= 3.11)
+_FULL, _IOERR = 13, 10
+_CAPACITY_WORDS = ("disk is full", "disk i/o error")
+
+
+def store_error(path: Path, e: sqlite3.Error, what: str = "write") -> UserError:
+    """The one-line error for a failed SQLite call on the store at ``path``: a
+    :class:`DiskFault` (exit 1) when the disk failed (full, I/O error), else a
+    :class:`UserError` (exit 2: a folder that cannot be written, a file that is not a store)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    text = " ".join(str(e).split())
+    full = ((code & 0xFF) in (_FULL, _IOERR)) if code is not None else \
+        any(w in text.lower() for w in _CAPACITY_WORDS)
+    if full:
+        return DiskFault(f"cannot {what} the run store {path}: {text}; every result committed "
+                         "before is kept and none is half-written: free space and rerun the "
+                         "same command to resume")
+    return UserError(f"cannot {what} the run store {path}: {text}")
 
 
 class ResultStore:
@@ -32,16 +53,21 @@ class ResultStore:
             self._con = self._connect_read_only()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._con = sqlite3.connect(str(self.path), timeout=30)
-        self._con.execute("PRAGMA journal_mode=WAL")
-        self._con.execute("PRAGMA synchronous=NORMAL")
-        self._con.execute(
-            "CREATE TABLE IF NOT EXISTS results ("
-            " key TEXT PRIMARY KEY, stage TEXT NOT NULL, payload TEXT NOT NULL,"
-            " created REAL NOT NULL)"
-        )
-        self._con.execute("CREATE INDEX IF NOT EXISTS results_stage ON results(stage)")
-        self._con.commit()
+        self._con = None  # type: ignore[assignment]
+        try:
+            self._con = sqlite3.connect(str(self.path), timeout=30)
+            self._con.execute("PRAGMA journal_mode=WAL")
+            self._con.execute("PRAGMA synchronous=NORMAL")
+            self._con.execute(
+                "CREATE TABLE IF NOT EXISTS results ("
+                " key TEXT PRIMARY KEY, stage TEXT NOT NULL, payload TEXT NOT NULL,"
+                " created REAL NOT NULL)"
+            )
+            self._con.execute("CREATE INDEX IF NOT EXISTS results_stage ON results(stage)")
+            self._con.commit()
+        except sqlite3.Error as e:  # a read-only folder, a file that is not SQLite, a full disk
+            self.close()
+            raise store_error(self.path, e, "open") from None
 
     def _connect_read_only(self) -> sqlite3.Connection:
         # No -wal file: every committed row is in the main file; read it as immutable (creates
@@ -74,7 +100,10 @@ class ResultStore:
 
     def close(self) -> None:
         if self._con is not None:
-            self._con.close()
+            # closing checkpoints the WAL; if the disk fails then, the WAL keeps every commit
+            # and the next open recovers it, so the error that ended the run is the one reported
+            with contextlib.suppress(sqlite3.Error):
+                self._con.close()
             self._con = None  # type: ignore[assignment]
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -105,10 +134,17 @@ class ResultStore:
     def put_many(self, items: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
         now = time.time()
         rows = [(k, s, json.dumps(p, ensure_ascii=False, sort_keys=True), now) for k, s, p in items]
-        with self._con:  # one transaction: all of the batch or none of it
+        # one transaction: all of the batch or none of it (a crash before the commit leaves
+        # no row of it; a disk fault rolls it back)
+        try:
             self._con.executemany(
                 "INSERT OR REPLACE INTO results(key, stage, payload, created) VALUES (?,?,?,?)", rows
             )
+            self._con.commit()
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self._con.rollback()
+            raise store_error(self.path, e) from None
 
     def items(self, prefix: str = "") -> Iterator[tuple[str, dict]]:
         rows = self._con.execute(

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..data.sets import DatasetInfo, PromptSet, load_prompt_set
 from ..errors import UserError
 from ..judges.base import JudgeError
+from ..judges.spec import judge_spec
 from ..metrics.stats import Estimate, estimate_mean
 from ..models.generate import Generation, greedy_generate
 from ..runs import keys
@@ -49,6 +50,10 @@ class BehaveSummary(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     judge: dict[str, Any]
+    other_judges: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="judge spec → its agreement with this stage's judge "
+        "(raw agreement and Cohen's kappa, bootstrap CIs) on the same stored responses, for every "
+        "other judge that judged them in this run folder")
     max_new_tokens: int
     system_prompt: str | None
     harmful: DatasetInfo
@@ -129,14 +134,16 @@ def behave_records(
     stored = [p for p in todo if gprefix + p.id in generated]
     fresh = [p for p in todo if gprefix + p.id not in generated]
 
+    tag = {"generation": settings.generation_key(model_key), "judge": judge_spec(judge.describe())}
+
     def judge_and_store(prompts: list, gens: list[dict]) -> None:
         try:
             verdicts = judge.judge([p.text for p in prompts], [g["response"] for g in gens])
         except JudgeError as e:  # keep the rows that were judged before the error goes up
             verdicts = getattr(e, "partial", None) or []
-            _put_judged(store, prefix, ps, role, prompts, gens, verdicts)
+            _put_judged(store, prefix, ps, role, prompts, gens, verdicts, tag)
             raise
-        _put_judged(store, prefix, ps, role, prompts, gens, verdicts)
+        _put_judged(store, prefix, ps, role, prompts, gens, verdicts, tag)
         if progress:
             progress(len(prompts))
 
@@ -160,13 +167,37 @@ def behave_records(
 
 
 def _put_judged(store: ResultStore, prefix: str, ps: PromptSet, role: str, prompts: list,
-                gens: list[dict], verdicts: list) -> None:
+                gens: list[dict], verdicts: list, tag: dict) -> None:
     store.put_many(
         (prefix + p.id, "behave", {
             "set": ps.name, "role": role, "prompt_id": p.id, "prompt": p.text,
             "category": p.category, "response": g["response"], "n_new_tokens": g["n_new_tokens"],
-            **_verdict_fields(v)})
+            **_verdict_fields(v), **tag})
         for p, g, v in zip(prompts, gens, verdicts) if v is not None)
+
+
+def other_judges(store: ResultStore, model_key: str, settings: GenSettings, judge,
+                 results: dict[str, list[dict]], seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Every other judge that judged these same stored responses in this folder (another
+    ``--judge`` run earlier): its raw agreement and kappa with this judge, on the rows both
+    judged, all sets pooled."""
+    from ..judges.agreement import pair_metrics
+
+    gen, mine = settings.generation_key(model_key), judge_spec(judge.describe())
+    ours = {(r["set"], r["prompt_id"]): r["verdict"] for recs in results.values() for r in recs}
+    theirs: dict[str, dict[tuple, str]] = {}
+    for _, r in store.items(keys.model_prefix("behave", model_key)):
+        if r.get("generation") == gen and r.get("judge") not in (None, mine):
+            row = (r.get("set"), r.get("prompt_id"))
+            if row in ours:
+                theirs.setdefault(r["judge"], {})[row] = r["verdict"]
+    out = {}
+    for spec, verdicts in sorted(theirs.items()):
+        rows = sorted(verdicts)
+        m = pair_metrics([ours[k] for k in rows], [verdicts[k] for k in rows], (mine, spec),
+                         seed=seed)
+        out[spec] = {"n": m.n, "agreement": m.metric("agreement"), "kappa": m.metric("kappa")}
+    return out
 
 
 def refusal_flags(records: list[dict]) -> list[float]:
@@ -202,6 +233,7 @@ def run_behave(
     pooled = [f for h in harmless for f in refusal_flags(results[h.name])]
     return BehaveSummary(
         judge=judge.describe(),
+        other_judges=other_judges(store, model_key, settings, judge, results, seed),
         max_new_tokens=settings.max_new_tokens,
         system_prompt=settings.system,
         harmful=DatasetInfo(**harmful.describe()),

@@ -50,7 +50,8 @@ def get_directions(lm: LoadedModel, run: Run, key: str, cfg):
     check_reference(lm, ref, spec)
     d = _directions_of(None, run, ref["key"], cfg, cached_only=True)
     if d is None:  # not in this folder yet: load the reference again, only for this
-        ref_lm = load_model(spec, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        ref_lm = load_model(spec, cfg.device, cfg.dtype, cfg.trust_remote_code,
+                            allow_pickle=cfg.allow_pickle)
         d = _directions_of(ref_lm, run, ref["key"], cfg)
         del ref_lm
     return RefusalDirections(d.directions, d.mean_harmful, d.mean_harmless,
@@ -67,10 +68,11 @@ def reference_model(cfg) -> dict:
     """{"key", "n_layers", "hidden"} of ``latent.directions_from``; a spec that does not load is
     bad input (one line, exit 2)."""
     spec = cfg.latent.directions_from
-    memo = (spec, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    memo = (spec, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.allow_pickle)
     if memo not in _REFERENCES:
         try:
-            ref = load_model(spec, cfg.device, cfg.dtype, cfg.trust_remote_code)
+            ref = load_model(spec, cfg.device, cfg.dtype, cfg.trust_remote_code,
+                             allow_pickle=cfg.allow_pickle)
         except UserError as e:
             raise UserError(f"--directions-from: {e}") from None
         _REFERENCES[memo] = {"key": keys.model_key(ref), "n_layers": ref.n_layers,
