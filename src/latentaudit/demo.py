@@ -6,10 +6,9 @@
    resumable run folder.
 3. Write the HTML report and ``compare.json`` beside it, and print the headline table.
 
-The sizes below are recorded in the run's config and the zoo's model cards. They do not fit the
-CPU budget the demo aims at (full ≤ 30 min, ``--quick`` ≤ 8 min): measured on 2 cores
-(2026-12-02) the zoo takes 33-44 min cold, the full audit about 90 min (layers 10,15,22) and the quick one 22.4 min (layer 10)
-with the zoo built (README, "What the demo found"); on a GPU both are minutes.
+The sizes below are recorded in the run's config and the zoo's model cards. On a 2-core CPU they
+do not yet fit the budget the demo aims at (full ≤ 30 min, ``--quick`` ≤ 8 min): the measured
+times are in the README ("What the demo found") and docs/results.md; on a GPU both are minutes.
 """
 
 from __future__ import annotations
