@@ -103,9 +103,11 @@ def load_judge(cfg) -> Any:
     --trust-remote-code apply to the judge's model too."""
     jcfg = cfg.judge
     extra = {"allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
-    key = jcfg.model_dump_json() + repr(sorted(extra.items()))
+    judge = jcfg.build(**extra)  # cheap: building loads nothing
+    # the loaded one is reused only for the same class and description (a plug-in registered
+    # anew under the same name is a new judge)
+    key = f"{type(judge).__module__}.{type(judge).__qualname__}|{judge.describe()}|{extra}"
     if key not in _JUDGES:
-        judge = jcfg.build(**extra)
         judge.load()
         _JUDGES.clear()  # one judge model in memory at a time
         _JUDGES[key] = judge
