@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
+from .files import nesting_depth
 from .judges.compose import JudgeConfig
 from .models.embedded import DEFAULT_MODEL
 
@@ -153,17 +154,6 @@ class _ConfigLoader(yaml.SafeLoader):
 MAX_CONFIG_DEPTH = 20  # a run config nests three levels or so; deeper is not a config
 
 
-def _depth(v: Any) -> int:
-    """Nesting depth of loaded YAML, counted up to MAX_CONFIG_DEPTH + 1 (iteratively)."""
-    deepest, todo = 0, [(v, 1)]
-    while todo:
-        x, d = todo.pop()
-        deepest = max(deepest, d)
-        if d <= MAX_CONFIG_DEPTH and isinstance(x, (list, dict)):
-            todo.extend((y, d + 1) for y in (list(x) + list(x.values()) if isinstance(x, dict) else x))
-    return deepest
-
-
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of a YAML config file ({} for an empty one). Bad input is one
     UserError naming the file and line: a missing or unreadable file, bytes that are not
@@ -209,7 +199,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config {path}: expected a mapping (key: value lines) at the top level, "
                         f"got {type(data).__name__}")
-    if _depth(data) > MAX_CONFIG_DEPTH:
+    if nesting_depth(data, MAX_CONFIG_DEPTH) > MAX_CONFIG_DEPTH:
         raise UserError(f"config {path}: nested deeper than {MAX_CONFIG_DEPTH} levels")
     return data
 

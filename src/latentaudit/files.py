@@ -83,3 +83,15 @@ def staged_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """Nesting depth of loaded JSON or YAML (mapping keys included), counted up to ``limit + 1``
+    without recursion, so that a hostile document cannot overflow the stack while it is measured."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        x, d = todo.pop()
+        deepest = max(deepest, d)
+        if d <= limit and isinstance(x, (list, dict)):
+            todo.extend((y, d + 1) for y in (list(x) + list(x.values()) if isinstance(x, dict) else x))
+    return deepest

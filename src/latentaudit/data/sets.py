@@ -31,6 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UserError
+from ..files import nesting_depth
 
 PROMPT_COLUMNS = ("prompt", "instruction", "goal", "question", "text", "behavior", "Behavior")
 TARGET_COLUMNS = ("target",)
@@ -384,17 +385,6 @@ def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def _depth(v: object) -> int:
-    """Nesting depth of a JSON value, counted up to MAX_JSON_DEPTH + 1 (iteratively)."""
-    deepest, todo = 0, [(v, 1)]
-    while todo:
-        x, d = todo.pop()
-        deepest = max(deepest, d)
-        if d <= MAX_JSON_DEPTH and isinstance(x, (list, dict)):
-            todo.extend((y, d + 1) for y in (x.values() if isinstance(x, dict) else x))
-    return deepest
-
-
 def _json_loads(text: str, where: str) -> object:
     """One JSON value; ``where`` ("FILE" or "FILE line N") prefixes the one-line error."""
     try:
@@ -408,7 +398,7 @@ def _json_loads(text: str, where: str) -> object:
         raise UserError(f"{where}{at}: invalid JSON ({e.msg})") from None
     except ValueError:  # e.g. an integer of more digits than Python converts
         raise UserError(f"{where}: invalid JSON (a number too long to read)") from None
-    if _depth(value) > MAX_JSON_DEPTH:
+    if nesting_depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise UserError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
 
