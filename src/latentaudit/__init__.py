@@ -26,7 +26,7 @@ def audit(config: "AuditConfig | dict[str, Any] | str | Path") -> "Summary":
     exists) and return the summary (``summary.run_dir`` names the folder). Bad input raises
     :class:`latentaudit.errors.UserError` before anything is written."""
     from .config import AuditConfig, resolve_config
-    from .pipeline import run_many
+    from .executor import run_config
 
     if isinstance(config, (str, Path)):
         cfg = resolve_config(str(config), {}, cls=AuditConfig)
@@ -42,5 +42,5 @@ def audit(config: "AuditConfig | dict[str, Any] | str | Path") -> "Summary":
             raise UserError(format_validation_error(e)) from None
     else:
         cfg = config
-    _, summary = run_many(cfg, "latentaudit.audit()")
+    _, summary = run_config(cfg, "latentaudit.audit()")
     return summary

@@ -222,18 +222,21 @@ MODEL_INSTEAD = inspect.Parameter(
         "--model", "-m", help="audit this one model instead of the config's models")])
 
 
-@config_verb(app, "run", AuditConfig, COMMON[1:] + ["stages"] + JUDGE, extra=[MODEL_INSTEAD])
+@config_verb(app, "run", AuditConfig, COMMON[1:] + ["stages"] + JUDGE + [
+    ("executor.kind", "--executor"), ("executor.address", "--ray-address"),
+    ("executor.workers", "--ray-workers")], extra=[MODEL_INSTEAD])
 def run_cmd(cfg, model: str | None = None) -> None:
     """The full audit: every model of the config (``models:``) through the stages, into one
     resumable run folder; prints the headline table. Kill it at any point and run the same
     command again: finished units are not recomputed."""
-    from .pipeline import command_line, run_many
+    from .executor import run_config
+    from .pipeline import command_line
     from .report.compare import compare_runs, format_rows
 
     if model is not None:  # --model audits that one model instead of the config's list
         cfg = AuditConfig.model_validate({**cfg.model_dump(exclude_unset=True), "model": model,
                                           "models": None})
-    run_dir, _ = run_many(cfg, command_line())
+    run_dir, _ = run_config(cfg, command_line())
     typer.echo(format_rows(compare_runs([run_dir]), "table"), nl=False)
     typer.echo(f"results: {run_dir}/summary.json  (report: latentaudit report {run_dir})")
 

@@ -69,6 +69,25 @@ class ModelEntry(_Strict):
 AuditStage = Literal["behave", "directions", "latent", "tamper", "tamper_control"]
 
 
+class ExecutorConfig(_Strict):
+    """Where the units of ``latentaudit run`` execute. ``local``: one process, models in turn.
+    ``ray``: independent units — (model, behave), (model, tamper), (model, latent family, prompt
+    chunk) — on Ray actors that keep their model loaded; the driver alone writes the run folder.
+    Not part of the run's identity: a run started on one executor resumes on the other."""
+
+    kind: Literal["local", "ray"] = Field("local", description="local (one process) or ray")
+    address: str | None = Field(None, description="Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
+                                "[default: a local cluster started for this run]")
+    workers: int | None = Field(None, gt=0, description="Ray actors [default: one per GPU of the "
+                                "cluster, else 2]")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per actor [default: 1 "
+                                          "when the cluster has GPUs, else 0]")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per actor")
+    chunk: int = Field(16, gt=0, description="harmful prompts per latent unit (each unit sweeps "
+                       "every layer of its family, deepest first, keeping the warm starts)")
+    retries: int = Field(2, ge=0, description="times a unit whose worker died is run again")
+
+
 class AuditConfig(RunConfig):
     """``latentaudit run --config audit.yaml``: the settings of RunConfig (applied to every model)
     plus the models and the stages. ``models`` entries are specs or {name, spec} mappings; without
@@ -77,6 +96,8 @@ class AuditConfig(RunConfig):
     models: list[ModelEntry | str] | None = Field(None, min_length=1)
     stages: list[AuditStage] = Field(default_factory=lambda: ["behave", "latent", "tamper"],
                                      min_length=1)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="where the "
+                                     "units run: {kind: local|ray, address, workers, chunk, ...}")
 
 
 def audit_entries(acfg: AuditConfig) -> list[ModelEntry]:

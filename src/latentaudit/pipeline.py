@@ -22,7 +22,7 @@ from .runs.summary import ModelSummary, Summary
 from .stages.base import Stage, StageContext
 from .stages.behave import BehaveStage
 from .stages.directions import DirectionsStage
-from .stages.latent import LatentStage
+from .stages.latent import LatentPrepStage, LatentStage
 from .stages.tamper.stage import TamperControlStage, TamperStage
 
 
@@ -92,6 +92,8 @@ def _write_summary(run: Run, cfg: RunConfig, command: str, t0: float,
 # the stages by name, in the order a run takes them (AuditStage in config.py lists the same)
 STAGES: dict[str, type[Stage]] = {s.name: s for s in (
     BehaveStage, DirectionsStage, LatentStage, TamperStage, TamperControlStage)}
+# stages an executor's units run that users do not name
+UNIT_STAGES: dict[str, type[Stage]] = {**STAGES, LatentPrepStage.name: LatentPrepStage}
 
 
 _JUDGES: dict[str, Any] = {}
@@ -115,13 +117,16 @@ def load_judge(cfg) -> Any:
 
 
 def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None = None,
-              name: str | None = None) -> tuple[Run, Summary]:
+              name: str | None = None, lm=None, chunk: tuple[int, int] | None = None
+              ) -> tuple[Run, Summary]:
     """Run the named stages on one model into one run folder (``run``: an open folder shared by
-    several models, left open); summary.json is written as soon as each result is known."""
+    several models, left open); summary.json is written as soon as each result is known.
+    ``lm``: the model already loaded (an executor's worker keeps it between units); ``chunk``:
+    (i, k), the latent stage's i-th of k prompt chunks only."""
     t0 = time.time()
     quiet_libraries()
     seed_everything(cfg.seed)
-    steps = [STAGES[s]() for s in stages]
+    steps = [UNIT_STAGES[s]() for s in stages]
     # 1. everything that can be wrong with the input fails before the model loads or a folder
     #    is made; a judge that cannot load (weights, server) included
     for st in steps:
@@ -131,8 +136,9 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None =
         check_run_folder(cfg.output_dir, cfg.model_dump(), cfg.model)
     judge = load_judge(cfg)
     # 2. the model, and what can be wrong only with this model
-    lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code,
-                    allow_pickle=cfg.allow_pickle)
+    if lm is None:
+        lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code,
+                        allow_pickle=cfg.allow_pickle)
     for st in steps:
         st.check_model(cfg, lm)
     # 3. the run folder, and one context the stages share
@@ -146,7 +152,8 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None =
             setattr(ms, field, result)
             _write_summary(run, cfg, command, t0, [ms])
 
-        ctx = StageContext(cfg, lm, key, run, judge, record, progress_factory(cfg.progress))
+        ctx = StageContext(cfg, lm, key, run, judge, record, progress_factory(cfg.progress),
+                           chunk=chunk)
         # 4. the stages in turn
         for st in steps:
             st.run(ctx, getattr(cfg, st.section))
@@ -156,25 +163,34 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None =
             run.close()
 
 
-def run_many(acfg, command: str) -> tuple[Path, Summary]:
+def run_many(acfg, command: str, executor=None) -> tuple[Path, Summary]:
     """``latentaudit run``: every model of an audit config through the same stages, into one run
     folder (one store, one summary). Each (model, stage, unit) is committed as it finishes, so a
-    killed run resumes where it stopped when the same command is run again."""
+    killed run resumes where it stopped when the same command is run again. ``executor``: an
+    object with ``check()`` (before any folder is made) and ``run(run, entries, cfgs, stages,
+    write_summary)`` that runs the units elsewhere (:mod:`latentaudit.executor`); None: here,
+    model after model."""
     from .config import audit_entries
 
     entries = audit_entries(acfg)
     stages = list(acfg.stages)
     # only what the user set, so each model's config knows which keys were given (exclude_unset)
-    base = acfg.model_dump(exclude={"models", "stages"}, exclude_unset=True)
+    base = acfg.model_dump(exclude={"models", "stages", "executor"}, exclude_unset=True)
     cfgs = [RunConfig.model_validate({**base, "model": e.spec}) for e in entries]
     for c in cfgs:  # every model's input checked before the first one starts
         for s in stages:
             STAGES[s]().check(c)
+    if executor is not None:  # e.g. Ray missing or its cluster unreachable: before any folder
+        executor.check()
+    # the executor is not part of the run's identity: a run resumes on either
+    ident = acfg.model_dump(exclude={"executor"})
     # one lock for the whole command: every model writes through this one open run
-    check_run_folder(acfg.output_dir, acfg.model_dump(), "audit")
+    check_run_folder(acfg.output_dir, ident, "audit")
     load_judge(acfg)  # a judge that cannot load stops the run before any model loads
-    run = open_run(acfg.output_dir, acfg.model_dump(), "audit", command=command)
+    run = open_run(acfg.output_dir, ident, "audit", command=command)
     try:
+        if executor is not None:
+            return run.dir, executor.run(run, entries, cfgs, stages, _write_summary)
         for e, c in zip(entries, cfgs):
             print(f"== {e.name}: {e.spec} ({', '.join(stages)})", file=sys.stderr, flush=True)
             _, summary = run_audit(c, stages, command, run=run, name=e.name)

@@ -154,6 +154,14 @@ class ResultStore:
         for k, p in rows:
             yield k, json.loads(p)
 
+    def records(self, contains: str | None = None) -> list[tuple[str, str, dict]]:
+        """Every (key, stage, payload), or those whose key contains ``contains`` (an executor
+        ships one model's records to a worker)."""
+        sql, args = "SELECT key, stage, payload FROM results", ()
+        if contains is not None:
+            sql, args = sql + " WHERE instr(key, ?) > 0", (contains,)
+        return [(k, s, json.loads(p)) for k, s, p in self._con.execute(sql + " ORDER BY key", args)]
+
     def any(self, prefix: str, payload_like: str | None = None) -> bool:
         """Whether a key starts with ``prefix`` (and its payload matches the SQL LIKE pattern)."""
         sql = "SELECT 1 FROM results WHERE key >= ? AND key < ?"

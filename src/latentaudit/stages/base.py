@@ -29,6 +29,9 @@ class StageContext:
     # record(field, result): the result goes into this model's summary, written at once
     record: Callable[[str, Any], None]
     progress: Callable | None = None
+    # (i, k): a stage that can split its prompts runs only the i-th of k contiguous chunks of
+    # them (an executor's unit); None: all of them
+    chunk: tuple[int, int] | None = None
     _once: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

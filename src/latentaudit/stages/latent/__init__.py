@@ -8,8 +8,9 @@
 from .config import (SUCCESS_DEF, AblateResult, FamilyResult, LatentConfig, LatentSummary,
                      LayerResult, make_family, parse_layers)
 from .runner import LatentRunner, direction_id
-from .stage import LatentStage, calibrate_guard, run_latent, sweep_order
+from .stage import (LatentPrepStage, LatentStage, calibrate_guard, prompt_chunk, run_latent,
+                    sweep_order)
 
 __all__ = ["SUCCESS_DEF", "AblateResult", "FamilyResult", "LatentConfig", "LatentRunner",
-           "LatentStage", "LatentSummary", "LayerResult", "calibrate_guard", "direction_id",
-           "make_family", "parse_layers", "run_latent", "sweep_order"]
+           "LatentPrepStage", "LatentStage", "LatentSummary", "LayerResult", "calibrate_guard", "direction_id",
+           "make_family", "parse_layers", "prompt_chunk", "run_latent", "sweep_order"]

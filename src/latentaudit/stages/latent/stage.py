@@ -254,11 +254,38 @@ class LatentStage(Stage):
     def run(self, ctx: StageContext, cfg: LatentConfig) -> None:
         ps = load_prompt_set(cfg.harmful, ctx.cfg.data_dir, ctx.cfg.behave.prompt_col,
                              ctx.cfg.limit)
+        if ctx.chunk is not None:
+            ps = prompt_chunk(ps, *ctx.chunk)
         directions = directions_for(ctx) if self._uses_directions(cfg) else None
         guard = ctx.once("guard", lambda: calibrate_guard(ctx))
         runner = LatentRunner(ctx.lm, ctx.store, ctx.model_key, ps, cfg, ctx.judge, guard,
                               ctx.seed, ctx.system, ctx.cfg.batch_size)
         ctx.record("latent", run_latent(runner, directions, ctx.progress))
+
+
+class LatentPrepStage(Stage):
+    """What every chunk of a model's latent stage shares, computed once before the chunks run
+    in parallel (an executor's unit, not a stage users name): the refusal directions when a
+    family uses them, and the coherence guard's calibration answers."""
+
+    name = "latent_prep"
+    section = "latent"
+
+    def run(self, ctx: StageContext, cfg: LatentConfig) -> None:
+        if LatentStage._uses_directions(cfg):
+            directions_for(ctx)
+        ctx.once("guard", lambda: calibrate_guard(ctx))
+
+
+def prompt_chunk(ps, i: int, k: int):
+    """The i-th of k contiguous, near-equal chunks of a prompt set (k = 1: the set itself)."""
+    from ...data.sets import PromptSet
+
+    if k == 1:
+        return ps
+    bounds = np.linspace(0, len(ps), k + 1).round().astype(int)
+    return PromptSet(ps.name, ps.prompts[bounds[i]:bounds[i + 1]], ps.source,
+                     {**ps.meta, "chunk": f"{i + 1}/{k}"})
 
 
 def calibrate_guard(ctx: StageContext):
