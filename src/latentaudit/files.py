@@ -37,29 +37,14 @@ def os_error(path: str | Path, e: OSError, what: str = "write") -> UserError:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """``text`` to ``path`` (UTF-8); returns ``path``. A reader (or a crash, or a power cut)
-    sees the old file or the new one, never half of one. A folder that cannot be written is one
-    line of :class:`UserError`, a full disk one line of :class:`DiskFault`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            # a full disk often shows only here (delayed allocation); and without it a crash
-            # after the rename can leave an empty file under the final name
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise os_error(path, e) from None
-    return path
+    """``text`` to ``path`` (UTF-8), whole or not at all (:func:`write_bytes`)."""
+    return write_bytes(path, text.encode("utf-8"))
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
-    """``data`` to ``path``, whole or not at all (as :func:`write_text`)."""
+    """``data`` to ``path``; returns ``path``. A reader (or a crash, or a power cut) sees the
+    old file or the new one, never half of one. A folder that cannot be written is one line of
+    :class:`UserError`, a full disk one line of :class:`DiskFault`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -67,6 +52,8 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
+            # a full disk often shows only here (delayed allocation); and without it a crash
+            # after the rename can leave an empty file under the final name
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
