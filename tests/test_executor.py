@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from golden_outputs import write_pairs
 from latentaudit.cli import main
 from latentaudit.data.sets import load_prompt_set
 from latentaudit.executor import ray_backend
@@ -25,29 +23,19 @@ from latentaudit.executor.driver import SerialBackend
 from latentaudit.executor.units import plan
 from latentaudit.runs.summary import stable_view
 from latentaudit.stages.latent import prompt_chunk
+from test_run import _config as run_config
 
 TOOL = [sys.executable, "-c", "import sys; from latentaudit.cli import main; sys.exit(main())"]
 N_UNITS = 8  # per model: latent_prep, 2 chunks × pgd, 2 chunks × noise, tamper, behave, summary
 
 
 def _config(tmp_path: Path) -> Path:
-    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
-    cfg = {
-        "models": [{"name": "llama", "spec": "tiny:llama"}, {"name": "qwen", "spec": "tiny:qwen2"}],
-        "stages": ["behave", "latent", "tamper"],
-        "limit": 4, "progress": "none", "seed": 7,
-        "behave": {"max_new_tokens": 6},
-        # two layers, so each chunk's sweep warm-starts the second layer from the first
-        "latent": {"layers": "0,1", "families": ["pgd", "noise"],
-                   "family_params": {"pgd": {"steps": 2}, "noise": {"draws": 1}},
-                   "max_new_tokens": 6, "calibration_n": 4},
-        "tamper": {"pairs": str(pairs), "n_examples": 4, "steps": [0, 1, 2], "batch_size": 2,
-                   "completion_tokens": 8, "utility_limit": 2},
-        "executor": {"chunk": 2, "workers": 2},
-    }
-    path = tmp_path / "audit.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    # test_run's audit, with 4 prompts in 2 chunks and two layers, so each chunk's sweep
+    # warm-starts the second layer from the first
+    return run_config(tmp_path, limit=4, executor={"chunk": 2, "workers": 2}, latent={
+        "layers": "0,1", "families": ["pgd", "noise"],
+        "family_params": {"pgd": {"steps": 2}, "noise": {"draws": 1}},
+        "max_new_tokens": 6, "calibration_n": 4})
 
 
 def _stable(run_dir: Path) -> dict:
