@@ -84,6 +84,7 @@ def test_the_plan_chunks_every_family_and_ends_each_model_with_its_summary():
     assert set(by["a/summary"].deps) == {i for i in ids if i.startswith("a/") and i != "a/summary"}
     assert by["a/tamper"].stages(["behave", "latent", "tamper", "tamper_control"]) == [
         "tamper", "tamper_control"]
+    assert plan(["a"], ["directions"], [0], ["pgd"], 2)[0].stages(["directions"]) == ["directions"]
     # no latent stage: no latent units
     assert [u.kind for u in plan(["a"], ["behave"], [0], ["pgd"], 2)] == ["behave", "summary"]
 

@@ -56,7 +56,9 @@ class Unit:
         if self.kind == "tamper":
             return [s for s in stages if s in ("tamper", "tamper_control")]
         if self.kind == "latent_prep":
-            return [s for s in stages if s == "directions"] + ["latent_prep"]
+            # a directions-only audit needs no coherence guard
+            return ([s for s in stages if s == "directions"]
+                    + (["latent_prep"] if "latent" in stages else []))
         return [self.kind]
 
 
