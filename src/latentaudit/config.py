@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from .errors import UserError
 from .files import nesting_depth
@@ -32,7 +33,9 @@ class RunConfig(_Strict):
     seed: int = Field(0, description="random seed")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps, or sharded "
                         "(device_map=auto over GPUs)")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights' dtype (auto: bfloat16 on a CUDA device that has it, "
+        "float32 elsewhere; the resolved one is the run's)", validate_default=True)
     output_dir: str | None = Field(None, description="run folder (default: runs/<time>-<model>, "
                                    "or the earlier folder of the same config, resumed)")
     data_dir: str | None = Field(None, description="folder with local copies of the standard "
@@ -48,6 +51,17 @@ class RunConfig(_Strict):
     behave: "BehaveConfig" = Field(default_factory=lambda: _behave_config())
     latent: "LatentConfig" = Field(default_factory=lambda: _latent_config())
     tamper: "TamperConfig" = Field(default_factory=lambda: _tamper_config())
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_resolved(cls, v: str, info: ValidationInfo) -> str:
+        """``auto`` is resolved here, so the run's identity names the dtype it ran in (a CPU
+        run's stays float32, as before ``auto`` existed)."""
+        if v != "auto":
+            return v
+        from .models.device import auto_dtype
+
+        return auto_dtype(str(info.data.get("device") or "auto"))
 
     @model_validator(mode="before")
     @classmethod

@@ -15,6 +15,7 @@ import torch
 
 from ..models.chat import format_prompts, has_chat_template
 from ..models.generate import Generation, _decode, greedy_config, length_sorted_batches
+from ..models.memory import fitting_batch, generation_row_bytes, run_batches
 from .hooks import hook_outputs, perturb_block
 from .positions import DEFAULT_SINK_FACTOR, position_mask
 
@@ -105,7 +106,10 @@ def generate_perturbed(
     cfg = greedy_config(tok, max_new_tokens)
     out: list[Generation | None] = [None] * len(rows)
     lengths = [len(ctx.prompt_ids[r]) for r in rows]
-    for bidx in length_sorted_batches(lengths, batch_size):
+    size = fitting_batch(lm, batch_size, generation_row_bytes(lm, max(lengths, default=0)
+                                                              + max_new_tokens))
+
+    def one(bidx: list[int]) -> None:
         ids, mask, _ = pad_left([ctx.prompt_ids[rows[k]] for k in bidx], tok.pad_token_id, lm.device)
         t = ids.shape[1]
         if layer is None or all(deltas[k] is None for k in bidx):
@@ -128,6 +132,8 @@ def generate_perturbed(
             seqs = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
         for j, k in enumerate(bidx):
             out[k] = _decode(tok, seqs[j, t:])
+
+    run_batches(length_sorted_batches(lengths, size), one, "generation", lm.model)
     return out  # type: ignore[return-value]
 
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
 from .budget import project, radius, sphere
+from ..models.memory import run_batches
 from .context import AttackContext, pad_left
 from .hooks import ablate_direction
 from .prefix import FullRunner, SuffixRunner
@@ -235,8 +236,8 @@ class PGD(Family):
         order = sorted(range(len(rows)), key=lambda k: -len(ctx.prompt_ids[rows[k]]))
         res: dict[int, torch.Tensor] = {}
         judged: dict[int, dict] = {}
-        for s in range(0, len(order), bs):
-            chunk = order[s : s + bs]
+
+        def one(chunk: list[int]) -> None:  # each row is attacked on its own: a split changes no row
             verdicts: dict[int, dict] = {}
             deltas = self.attack(ctx, layer, [rows[k] for k in chunk], np.asarray(eps)[chunk], seed,
                                  check=check, verdicts=verdicts)
@@ -244,6 +245,9 @@ class PGD(Family):
                 res[k] = d
                 if j in verdicts:
                     judged[k] = verdicts[j]
+
+        run_batches([order[s : s + bs] for s in range(0, len(order), bs)], one, "pgd",
+                    ctx.lm.model)
         for k in range(len(rows)):
             out.append([Candidate(res[k], verdict=judged.get(k))])
         return out

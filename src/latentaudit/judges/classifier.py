@@ -103,7 +103,7 @@ class _ModelJudge(Judge):
         return {}
 
     def _resolve_device(self) -> tuple[torch.device, torch.dtype, Any]:
-        from ..models.loader import resolve_device, resolve_dtype
+        from ..models.device import resolve_device, resolve_dtype
 
         dev, device_map = resolve_device(self.options.device)
         on_cuda = device_map is not None or str(dev).startswith("cuda")

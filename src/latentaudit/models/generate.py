@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from .chat import encode, format_prompts, has_chat_template
+from .memory import fitting_batch, generation_row_bytes, run_batches
 
 
 @dataclass
@@ -83,7 +84,11 @@ def greedy_generate(
     rows = tok(texts, add_special_tokens=not has_chat_template(tok))["input_ids"]
     n_shared = shared_prefix_length(rows) if share_prefix else 0
     prefix_cache = _prefix_cache(model, rows[0][:n_shared], lm.device) if n_shared else None
-    for idx in length_sorted_batches([len(r) for r in rows], batch_size):
+    lengths = [len(r) for r in rows]
+    size = fitting_batch(lm, batch_size, generation_row_bytes(lm, max(lengths, default=0)
+                                                              + max_new_tokens))
+
+    def one(idx: list[int]) -> None:
         if prefix_cache is None:
             batch = encode(tok, [texts[i] for i in idx], device=lm.device)
             kwargs = {}
@@ -104,6 +109,8 @@ def greedy_generate(
             out[i] = g
         if on_batch is not None:
             on_batch(idx, gens)
+
+    run_batches(length_sorted_batches(lengths, size), one, "generation", model)
     return out  # type: ignore[return-value]
 
 

@@ -34,21 +34,13 @@ import torch
 
 from ..errors import UserError
 from ..files import staged_dir
+from .device import resolve_device, resolve_dtype
 from .embedded import EMBEDDED, cache_root, file_sha256_cached, find_embedded_gguf
 
 log = logging.getLogger(__name__)
 
 # "owner/name" as the hub spells ids; anything else that does not exist is a missing path
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 @dataclass
@@ -85,31 +77,6 @@ class LoadedModel:
     @property
     def n_layers(self) -> int:
         return self.parts.n_layers
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    key = (name or "float32").lower()
-    if key not in DTYPES:
-        raise UserError(f"unknown dtype '{name}' (choose from float32, bfloat16, float16)")
-    return DTYPES[key]
-
-
-def resolve_device(name: str | None) -> tuple[str | None, Any]:
-    """Return (device to move to, device_map for from_pretrained)."""
-    name = (name or "auto").lower()
-    if name == "auto":
-        return ("cuda" if torch.cuda.is_available() else "cpu"), None
-    if name in ("sharded", "device_map:auto"):
-        if not torch.cuda.is_available():
-            return "cpu", None
-        return None, "auto"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but no CUDA device is available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device 'mps' requested but MPS is not available")
-    if name == "cpu" or name.startswith("cuda") or name == "mps":
-        return name, None
-    raise UserError(f"unknown device '{name}' (choose from auto, cpu, cuda, cuda:N, mps, sharded)")
 
 
 def _finish(model, device, device_map, dtype) -> Any:
@@ -370,7 +337,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from any supported source (returns a LoadedModel);
     UserError for a source that is missing, unreachable, or refused by :func:`check_folder`."""
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, device)
     dev, device_map = resolve_device(device)
     info: dict[str, Any] = {"spec": spec, "dtype": str(torch_dtype).replace("torch.", ""),
                             "device": device or "auto", "revision": revision}
@@ -382,7 +349,8 @@ def load_model(
         if family not in FAMILIES:
             raise UserError(f"unknown tiny model '{spec}' (families: {', '.join(FAMILIES)})")
         model = tiny_model(family)
-        info.update(source="tiny", family=family)
+        info.update(source="tiny", family=family,
+                    attn_implementation=model.config._attn_implementation)
         return LoadedModel(_finish(model, dev, None, torch_dtype), tiny_tokenizer(), spec, info)
 
     if spec.startswith("embedded:"):
@@ -434,6 +402,8 @@ def load_model(
             info["precision_warning"] = note
             warnings.warn(note, stacklevel=2)
     info["model_type"] = model.config.model_type
+    # transformers' default (sdpa where the architecture has it) is kept: hooks see block outputs
+    info["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     lm = LoadedModel(_finish(model, dev, device_map, torch_dtype), _prepare_tokenizer(tok), spec, info)
     lm.parts  # locate blocks now: an unsupported architecture fails at load, not mid-run
     return lm

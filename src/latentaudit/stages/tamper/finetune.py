@@ -21,7 +21,8 @@ import torch
 from ...errors import UserError
 from ...training import Example, encode_pair, token_nll
 from .config import TAMPER_VERSION, TamperConfig
-from .pairs import Pair, free_memory
+from ...models.memory import free_memory, retry_smaller
+from .pairs import Pair
 
 CLIP_NORM = 1.0
 
@@ -113,11 +114,25 @@ class TrainableCopy:
         model.eval()
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One optimiser step on the token-mean NLL of ``batch``. A batch that runs out of
+        memory is run again as micro-batches whose gradients add up to the whole batch's (each
+        part's NLL sum over the whole batch's token count): the same step, only slower."""
         self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        s, n = token_nll(self.model, batch, share_prefix=True)
-        loss = s.sum() / n.sum().clamp(min=1)
-        loss.backward()
+        b = batch["input_ids"].shape[0]
+        n_all = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
+
+        def attempt(size: int) -> torch.Tensor:
+            self.opt.zero_grad(set_to_none=True)  # a failed attempt may have left gradients
+            total = torch.zeros((), device=n_all.device)
+            for a in range(0, b, size):
+                s, _ = token_nll(self.model, {k: v[a:a + size] for k, v in batch.items()},
+                                 share_prefix=True)
+                part = s.sum() / n_all
+                part.backward()
+                total = total + part.detach()
+            return total
+
+        loss = retry_smaller("fine-tuning", self.model, b, attempt)
         torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
         self.opt.step()
         self.steps_taken += 1

@@ -16,7 +16,6 @@ cut.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -24,13 +23,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...data.sets import PROMPT_COLUMNS, DatasetInfo, PromptSet, load_prompt_set, read_table
 from ...errors import UserError
 from ...models.completions import CompletionCache, pairs_cache
 from ...models.fingerprint import fingerprint, spec_fingerprint
+from ...models.memory import free_memory
 from ...progress import progress_factory as make_progress
 from .config import TAMPER_VERSION, TamperConfig, validate_tamper
 
@@ -226,10 +225,3 @@ def _known_fingerprint(spec: str, data_lm) -> str | None:
     if data_lm is not None:
         return fingerprint(data_lm, gguf_first=True) or f"spec:{data_lm.spec}"
     return f"spec:{spec}" if spec.startswith("tiny:") else spec_fingerprint(spec)
-
-
-def free_memory() -> None:
-    """Return a dropped model's memory (the collector, then CUDA's cache)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
