@@ -22,6 +22,7 @@ tests on the CPU, and its figures there are not GPU figures.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import subprocess
@@ -148,12 +149,23 @@ def generation_part(lm, ctx, rows, dev, new_tokens: int) -> dict:
     def hooked():
         generate_perturbed(ctx, layer, rows, deltas, new_tokens, batch_size=len(rows))
 
+    static = copy.deepcopy(cfg)
+    static.cache_implementation = "static"
+
+    def plain_static():
+        with torch.inference_mode():
+            lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=static)
+
     peak_reset(dev)
     t_plain = timed(plain, dev)
     t_hook = timed(hooked, dev)
     n = len(rows) * new_tokens
     print(f"   plain {n / t_plain:.0f} tok/s, with hooks {n / t_hook:.0f} tok/s: ratio "
           f"{t_plain / t_hook:.2f} (goal >= 0.9); peak {peak_gib(dev)}")
+    # kept only if it pays: a static cache would also have to carry the shared-prefix cache
+    t_static = timed(plain_static, dev)
+    print(f"   static KV cache (plain generate): {n / t_static:.0f} tok/s, "
+          f"{t_plain / t_static:.2f}x the dynamic cache's")
     return {"gen_batch_s": t_hook}
 
 

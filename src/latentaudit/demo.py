@@ -71,9 +71,26 @@ def _reusable(folder: Path, recipe: str, params: dict, source: str) -> bool:
             and json.loads(json.dumps(want, default=str)) == json.loads(json.dumps(got, default=str)))
 
 
+def _assembled(folder: Path) -> bool:
+    """Whether the zoo model in ``folder`` was assembled from the shipped files (so the shipped
+    models built from it may be assembled on top of it)."""
+    from .construct.ship import ADAPTER_FILE, CARD_FILE, file_sha256, shipped_dir
+
+    try:
+        card = json.loads((folder / CARD_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    d = shipped_dir(card.get("recipe", {}).get("recipe", ""), EMBEDDED)
+    got = (card.get("shipped") or {}).get("adapter_sha256")
+    return d is not None and got is not None and got == file_sha256(d / ADAPTER_FILE)
+
+
 def build_zoo(plan: DemoPlan, zoo: Path, seed: int, device: str, log=print,
-              progress: str | None = None) -> dict[str, str]:
-    from .construct.build import construct
+              progress: str | None = None, shipped: bool = True) -> dict[str, str]:
+    """Each recipe's model in ``zoo/<name>``: reused when the folder holds it, else assembled
+    from the files latentaudit ships for the embedded model's default recipes (seconds), else
+    built (``shipped=False``: always built, the recipe run from scratch)."""
+    from .construct.build import assemble_shipped, construct
     from .progress import progress_factory
 
     out = {}
@@ -83,6 +100,9 @@ def build_zoo(plan: DemoPlan, zoo: Path, seed: int, device: str, log=print,
         folder = zoo / name
         if _reusable(folder, name, params, source):
             log(f"zoo/{name}: reused ({folder})")
+        elif (shipped and not params and assemble_shipped(
+                name, source, folder, _assembled(zoo / src) if src in out else True, seed, device)):
+            log(f"zoo/{name}: assembled from the shipped files of our build ({folder})")
         else:
             t0 = time.time()
             log(f"zoo/{name}: building from {source} ...")

@@ -14,6 +14,7 @@ import torch
 
 from .config import RunConfig
 from .models.loader import load_model
+from .models.memory import free_memory
 from .progress import progress_factory
 from .runs import keys
 from .runs.provenance import environment
@@ -194,6 +195,7 @@ def run_many(acfg, command: str, executor=None) -> tuple[Path, Summary]:
         for e, c in zip(entries, cfgs):
             print(f"== {e.name}: {e.spec} ({', '.join(stages)})", file=sys.stderr, flush=True)
             _, summary = run_audit(c, stages, command, run=run, name=e.name)
+            free_memory()  # the model just audited is dropped: its accelerator memory too
         return run.dir, summary
     finally:
         run.close()

@@ -23,6 +23,8 @@ from ..runs.store import ResultStore
 from ..metrics.stats import estimate_mean
 from ..stages.behave import GenSettings, behave_records, refusal_flags, run_behave
 from .recipes import BuildEnv
+from .ship import ADAPTER_FILE, CARD_FILE, assemble, save_adapter, shipped_card, shipped_dir
+from .train import ADAPTER_KEY
 
 
 # the sets a card measures: the built-in test splits always, the standard sets when a data
@@ -165,15 +167,55 @@ def construct(recipe_name: str, source: str, out: str | Path, params: dict | Non
             details = recipe.build(lm, env)
     else:
         details = recipe.build(lm, env)
+    adapter = details.pop(ADAPTER_KEY, None)
     evaluation = evaluate_heldout(lm, judge, eval_limit, eval_tokens, batch_size, seed, data_dir)
     wall = time.time() - t0
+    meta = {"recipe": recipe.describe(), "from": source, "source_info": lm.info,
+            "data_model": data_model, "seed": seed, "details": details,
+            "evaluation": evaluation, "wall_time_s": round(wall, 1), "latentaudit": __version__}
+    _save(lm, out, meta, _card(recipe, source, lm.info, details, evaluation, wall),
+          (adapter, details.get("lora")) if adapter else None)
+    return out
+
+
+def _save(lm, out: Path, meta: dict, card: str, adapter: tuple | None = None) -> None:
     with staged_dir(out) as tmp:
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
-        meta = {"recipe": recipe.describe(), "from": source, "source_info": lm.info,
-                "data_model": data_model, "seed": seed, "details": details,
-                "evaluation": evaluation, "wall_time_s": round(wall, 1),
-                "latentaudit": __version__}
-        (tmp / "latentaudit_recipe.json").write_text(json.dumps(meta, indent=2, default=str))
-        (tmp / "README.md").write_text(_card(recipe, source, lm.info, details, evaluation, wall))
-    return out
+        if adapter:
+            save_adapter(adapter[0], adapter[1], tmp / ADAPTER_FILE)
+        (tmp / CARD_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / "README.md").write_text(card)
+
+
+def assemble_shipped(recipe_name: str, source: str, out: str | Path, chain_ok: bool,
+                     seed: int = 0, device: str | None = "auto",
+                     data_model: str = DEFAULT_MODEL) -> Path | None:
+    """The zoo folder of ``recipe_name`` (default hyper-parameters) from the files latentaudit
+    ships for it (construct/ship.py), in seconds; None when nothing is shipped for it, its
+    hyper-parameters differ, or the source is not the one it was built from (``chain_ok``: the
+    caller's check that a zoo source was itself assembled from the shipped files)."""
+    recipe = registry.create("recipe", recipe_name)
+    embedded_source = source.startswith("embedded:")
+    d = shipped_dir(recipe_name, source if embedded_source else DEFAULT_MODEL)
+    if d is None or not (chain_ok or embedded_source):
+        return None
+    card = shipped_card(d)
+    want = json.loads(json.dumps(recipe.describe(), default=str))
+    if card.get("recipe") != want:
+        return None
+    t0 = time.time()
+    lm = load_model(source, device, "float32")
+    if embedded_source and info_fingerprint(lm.info) != info_fingerprint(card.get("source_info", {})):
+        return None  # another copy of the embedded model than the one we built from
+    torch.manual_seed(seed)
+    env = BuildEnv(seed, data_model, 32, registry.create("judge", "substring"), device=device)
+    meta = assemble(d, lm, Path(out), env, recipe)
+    meta.update({"from": source, "source_info": lm.info, "wall_time_s": round(time.time() - t0, 1)})
+    card_text = _card(recipe, source, lm.info, meta.get("details", {}), meta["evaluation"],
+                      meta["wall_time_s"]) + (
+        "\n## Shipped\n\nAssembled from the files latentaudit ships (our own build of this recipe:"
+        " its adapter in float16, its card); the figures above were measured on that build. "
+        f"Largest weight difference to the build: {meta.get('export', {}).get('max_abs_weight_diff')}.\n")
+    _save(lm, Path(out), meta, card_text)
+    return Path(out)

@@ -69,6 +69,11 @@ class Term:
     contrast_examples: list[Example] = field(default_factory=list)
 
 
+# the trained LoRA tensors in a recipe's details: saved by construct as adapter.safetensors,
+# never written into the JSON card
+ADAPTER_KEY = "adapter_tensors"
+
+
 def lora_targets(model) -> list[str]:
     """The linear layers LoRA adapts: every decoder block's, by their short names (``q_proj``)."""
     from ..models.arch import locate_parts
@@ -140,6 +145,12 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
             progress(1)
         if stop is not None and "eval" in rec and stop([h for h in history if "eval" in h]):
             break
+    from peft import get_peft_model_state_dict
+
+    # the adapter itself, for `construct` to save beside the merged weights (the zoo can then be
+    # shipped as adapters and assembled on a user's machine: construct/ship.py)
+    adapter = {k: v.detach().to("cpu", copy=True).contiguous()
+               for k, v in get_peft_model_state_dict(model).items()}
     merged = model.merge_and_unload()
     merged.eval()
     for p in merged.parameters():
@@ -149,7 +160,8 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
             "train_time_s": round(time.time() - t0, 1),
             "lora": {"r": rank, "alpha": alpha,
                      "targets": sorted({n.split(".")[-1] for n in cfg.target_modules}),
-                     "blocks": "all"}}
+                     "blocks": "all"},
+            ADAPTER_KEY: adapter}
 
 
 def _term_loss(lm: LoadedModel, t: Term, idx: list[int], rng, seed: int) -> torch.Tensor:
