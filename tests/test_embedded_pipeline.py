@@ -103,3 +103,30 @@ def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys):
         assert (r["lvs_gap"] is None) == (r["model"] == "safe"), r
     assert (run_dir / "report.html").exists() and "dissociated" in err.out
     assert "ΔLVS(M) vs safe" in err.out and "ΔLVS(M) vs safe" in (run_dir / "report.html").read_text(encoding="utf-8")
+
+
+def test_shipped_zoo_assembles_in_seconds_with_its_build_card(embedded_load, tmp_path, monkeypatch):
+    """The adapters and cards latentaudit ships for the embedded model: `safe` and `hardened`
+    (built on it) assemble, carry the build's card, and say how far they lie from the build."""
+    from latentaudit.construct.ship import ADAPTER_FILE, CARD_FILE, SHIPPED
+    from latentaudit.demo import PLANS, build_zoo
+
+    shipped = SHIPPED / "smollm2-135m"
+    for name in PLANS["full"].recipes:
+        card = json.loads((shipped / name / CARD_FILE).read_text())
+        assert card["recipe"]["recipe"] == name and card["export"]["same_card_figures"]
+        assert card["export"]["max_abs_weight_diff"] < 1e-3  # float16 adapters
+    assert (shipped / "safe" / ADAPTER_FILE).stat().st_size < 12e6
+    plan = PLANS["full"]
+    plan = type(plan)(**{**plan.__dict__, "recipes": {"safe": {}, "hardened": {}}})
+    import latentaudit.construct.build as build
+
+    def no_training(*a, **k):
+        raise AssertionError("the shipped zoo must not be trained again")
+
+    monkeypatch.setattr(build, "construct", no_training)
+    zoo = build_zoo(plan, tmp_path / "zoo", 0, "cpu", log=lambda m: None)
+    for name in ("safe", "hardened"):
+        card = json.loads((tmp_path / "zoo" / name / CARD_FILE).read_text())
+        assert card["shipped"]["adapter_sha256"] and card["from"] == (
+            "embedded:smollm2-135m" if name == "safe" else zoo["safe"])

@@ -399,15 +399,18 @@ def demo(
     device: DeviceOpt = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="run folder [default: runs/demo or runs/demo-quick; resumed when it exists]")] = None,
     progress: ProgressOpt = None,
+    build_zoo: Annotated[bool, typer.Option("--build-zoo", help="build every zoo model from its recipe (tens of minutes on a CPU) instead of assembling it from the adapters and cards of our own build that latentaudit ships")] = False,
 ) -> None:
-    """The main job on the embedded SmolLM2-135M-Instruct, offline: build the zoo (safe,
-    dissociated, hardened, abliterated), audit it beside the base model, write the HTML report
-    and compare.json, print the headline table. Resumable: rerun after an interruption."""
+    """The main job on the embedded SmolLM2-135M-Instruct, offline: the zoo (safe, dissociated,
+    hardened, abliterated; assembled from the shipped files of our build, or built with
+    --build-zoo), audited beside the base model, the HTML report and compare.json, the headline
+    table. Resumable: rerun after an interruption."""
     from .demo import run_demo
     from .pipeline import quiet_libraries
 
     quiet_libraries()
-    run_demo(quick, zoo, output_dir, seed or 0, device or "auto", progress, limit)
+    run_demo(quick, zoo, output_dir, seed or 0, device or "auto", progress, limit,
+             shipped=not build_zoo)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -1,7 +1,8 @@
 """``latentaudit demo``: the central finding, end to end on the embedded model, offline, on a CPU.
 
-1. Build (or reuse) the zoo from the embedded SmolLM2-135M-Instruct: safe, dissociated,
-   hardened, abliterated (``zoo/<name>``; reused when the folder's recipe and source match).
+1. The zoo from the embedded SmolLM2-135M-Instruct: safe, dissociated, hardened, abliterated
+   (``zoo/<name>``; reused when the folder's recipe and source match, else assembled from the
+   adapters and cards of our own build that the package ships — construct/ship.py — else built).
 2. Audit base + zoo with ``run`` (behave, latent, and in the full mode tamper) into one
    resumable run folder.
 3. Write the HTML report and ``compare.json`` beside it, and print the headline table.
@@ -115,7 +116,8 @@ def build_zoo(plan: DemoPlan, zoo: Path, seed: int, device: str, log=print,
 
 
 def run_demo(quick: bool, zoo: Path, output_dir: Path | None, seed: int, device: str,
-             progress: str | None, limit: int | None = None, plan: DemoPlan | None = None) -> Path:
+             progress: str | None, limit: int | None = None, plan: DemoPlan | None = None,
+             shipped: bool = True) -> Path:
     from .config import AuditConfig
     from .pipeline import command_line, run_many
     from .files import write_text
@@ -125,7 +127,7 @@ def run_demo(quick: bool, zoo: Path, output_dir: Path | None, seed: int, device:
     plan = plan or PLANS["quick" if quick else "full"]
     t0 = time.time()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    models = build_zoo(plan, zoo, seed, device, log, progress)
+    models = build_zoo(plan, zoo, seed, device, log, progress, shipped)
     t_zoo = time.time() - t0
     n = limit or plan.limit
     acfg = AuditConfig.model_validate({

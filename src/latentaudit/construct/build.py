@@ -206,7 +206,8 @@ def assemble_shipped(recipe_name: str, source: str, out: str | Path, chain_ok: b
         return None
     t0 = time.time()
     lm = load_model(source, device, "float32")
-    if embedded_source and info_fingerprint(lm.info) != info_fingerprint(card.get("source_info", {})):
+    if embedded_source and (info_fingerprint(lm.info, gguf_first=True)
+                            != info_fingerprint(card.get("source_info", {}), gguf_first=True)):
         return None  # another copy of the embedded model than the one we built from
     torch.manual_seed(seed)
     env = BuildEnv(seed, data_model, 32, registry.create("judge", "substring"), device=device)
