@@ -156,7 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     for n in names:
         export(a.zoo / n, dest / n)
     with tempfile.TemporaryDirectory() as tmp:
+        import time
+
+        t0 = time.time()
         build_zoo(plan, Path(tmp), 0, "cpu", shipped=True)
+        print(f"assembled the zoo from the shipped files in {time.time() - t0:.0f} s")
         from .. import registry
 
         judge = registry.create("judge", "substring")
