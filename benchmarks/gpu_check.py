@@ -179,7 +179,7 @@ def train_part(lm, ctx, rows, dev) -> float:
     peak_reset(dev)
     t = TrainableCopy(lm, TamperConfig(), ["q_proj", "k_proj", "v_proj", "o_proj"])
     step = timed(lambda: t.step(batch), dev)
-    print(f"   fine-tuning attack: one LoRA step on 8 pairs {step * 1e3:.0f} ms; peak {peak_gib(dev)}")
+    print(f"   fine-tuning attack: one LoRA step on {len(exs)} pairs {step * 1e3:.0f} ms; peak {peak_gib(dev)}")
     t.close()
     return step
 
