@@ -130,3 +130,5 @@ def test_shipped_zoo_assembles_in_seconds_with_its_build_card(embedded_load, tmp
         card = json.loads((tmp_path / "zoo" / name / CARD_FILE).read_text())
         assert card["shipped"]["adapter_sha256"] and card["from"] == (
             "embedded:smollm2-135m" if name == "safe" else zoo["safe"])
+        readme = (tmp_path / "zoo" / name / "README.md").read_text()
+        assert "## Shipped" in readme and "behavioural safety S" in readme
