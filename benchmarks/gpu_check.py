@@ -10,7 +10,7 @@ the embedded SmolLM2-135M. Prints:
 3. peak memory per unit and the batch sizes the memory sizer chose;
 4. the projected time of a full-depth audit of the 8B model at default settings, built from the
    measured unit times (goal <= 30 min on one H200), each term shown;
-5. the SmolLM2 quick demo's wall time (``--demo``; capped by what is left of ``--budget-s``).
+5. the SmolLM2 default demo's wall time (``--demo``; capped by what is left of ``--budget-s``).
 
     .venv/bin/python benchmarks/gpu_check.py                     # on a GPU: 8B shape, demo on
     .venv/bin/python benchmarks/gpu_check.py --shape small       # the CPU: a small shape
@@ -204,12 +204,12 @@ def projection(lm, pgd: dict, gen: dict, train_s: float, batch: int) -> float:
 
 
 def demo_part(budget_s: float, dev) -> None:
-    print(f"\n5. the SmolLM2 quick demo on {dev.type} (at most {budget_s:.0f} s)")
+    print(f"\n5. the SmolLM2 default demo on {dev.type} (at most {budget_s:.0f} s)")
     if budget_s < 60:
         print("   skipped: under a minute of the budget left")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "latentaudit.cli", "demo", "--quick", "--zoo",
+        cmd = [sys.executable, "-m", "latentaudit.cli", "demo", "--zoo",
                f"{tmp}/zoo", "-o", f"{tmp}/demo", "--progress", "plain"]
         t0 = time.perf_counter()
         try:

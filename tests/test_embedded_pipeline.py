@@ -103,6 +103,10 @@ def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys):
         assert (r["lvs_gap"] is None) == (r["model"] == "safe"), r
     assert (run_dir / "report.html").exists() and "dissociated" in err.out
     assert "ΔLVS(M) vs safe" in err.out and "ΔLVS(M) vs safe" in (run_dir / "report.html").read_text(encoding="utf-8")
+    # the plan and its estimate first, one sentence on what the table shows last
+    assert "demo (default): base + safe, dissociated, hardened, abliterated" in err.err
+    assert "forward tokens/s" in err.err and "estimated" in err.err
+    assert "`dissociated` refuses like `safe`" in err.out
 
 
 def test_shipped_zoo_assembles_in_seconds_with_its_build_card(embedded_load, tmp_path, monkeypatch):

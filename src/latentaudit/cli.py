@@ -392,12 +392,12 @@ def schema() -> None:
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option("--quick", help="smaller audit: 12 prompts, layer 10, pgd to rel_tol 0.5, no fine-tuning attack (same zoo)")] = False,
+    full: Annotated[bool, typer.Option("--full", help="the full grid: 24 prompts, layers 10/15/22, the fine-tuning attack (default: 12 prompts, layer 10, pgd to rel_tol 0.5, no fine-tuning attack; same zoo)")] = False,
     zoo: Annotated[Path, typer.Option("--zoo", help="where the zoo models are built or reused")] = Path("zoo"),
     limit: LimitOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="run folder [default: runs/demo or runs/demo-quick; resumed when it exists]")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="run folder [default: runs/demo or runs/demo-full; resumed when it exists]")] = None,
     progress: ProgressOpt = None,
     build_zoo: Annotated[bool, typer.Option("--build-zoo", help="build every zoo model from its recipe (tens of minutes on a CPU) instead of assembling it from the adapters and cards of our own build that latentaudit ships")] = False,
 ) -> None:
@@ -409,7 +409,7 @@ def demo(
     from .pipeline import quiet_libraries
 
     quiet_libraries()
-    run_demo(quick, zoo, output_dir, seed or 0, device or "auto", progress, limit,
+    run_demo(full, zoo, output_dir, seed or 0, device or "auto", progress, limit,
              shipped=not build_zoo)
 
 

@@ -7,9 +7,11 @@
    resumable run folder.
 3. Write the HTML report and ``compare.json`` beside it, and print the headline table.
 
-The sizes below are recorded in the run's config and the zoo's model cards. On a 2-core CPU they
-do not yet fit the budget the demo aims at (full ≤ 30 min, ``--quick`` ≤ 8 min): the measured
-times are in the README ("What the demo found") and docs/results.md; on a GPU both are minutes.
+The default plan answers the headline question (is `dissociated` more fragile than `safe`, at
+the same S?) at the smallest size where the paired gap's CI clears 0: 12 prompts, layer 10.
+``--full`` keeps the full grid (24 prompts, layers 10/15/22, the fine-tuning attack). Before it
+starts the demo prints its plan and an estimate of its duration, scaled from a measured run by
+a two-second probe of this machine's speed.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ PLANS = {
         # dearest search (PGD from layer 5 back-propagates through 25 blocks)
         build_eval_limit=24, limit=24, layers="10,15,22", families=["pgd"],
         stages=["behave", "latent", "tamper"]),
-    "quick": DemoPlan(
+    "default": DemoPlan(
         recipes={"safe": {}, "dissociated": {}, "hardened": {}, "abliterated": {}},
         build_eval_limit=24, limit=12, layers="10", families=["pgd"], stages=["behave", "latent"],
         # ε* to within a factor 1.5 instead of 1.25 (the zoo screens' setting): about a third
@@ -115,7 +117,7 @@ def build_zoo(plan: DemoPlan, zoo: Path, seed: int, device: str, log=print,
     return out
 
 
-def run_demo(quick: bool, zoo: Path, output_dir: Path | None, seed: int, device: str,
+def run_demo(full: bool, zoo: Path, output_dir: Path | None, seed: int, device: str,
              progress: str | None, limit: int | None = None, plan: DemoPlan | None = None,
              shipped: bool = True) -> Path:
     from .config import AuditConfig
@@ -124,9 +126,11 @@ def run_demo(quick: bool, zoo: Path, output_dir: Path | None, seed: int, device:
     from .report.compare import compare_runs, format_rows
     from .report.html import build_report
 
-    plan = plan or PLANS["quick" if quick else "full"]
+    name = "full" if full else "default"
+    plan = plan or PLANS[name]
     t0 = time.time()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log(describe_plan(plan, name, limit, device))
     models = build_zoo(plan, zoo, seed, device, log, progress, shipped)
     t_zoo = time.time() - t0
     n = limit or plan.limit
@@ -135,7 +139,7 @@ def run_demo(quick: bool, zoo: Path, output_dir: Path | None, seed: int, device:
                   + [{"name": k, "spec": v} for k, v in models.items()],
         "stages": plan.stages, "limit": n, "seed": seed, "device": device,
         "progress": progress or "auto",
-        "output_dir": str(output_dir or Path("runs") / ("demo-quick" if quick else "demo")),
+        "output_dir": str(output_dir or Path("runs") / ("demo-full" if full else "demo")),
         "behave": {"max_new_tokens": plan.max_new_tokens},
         "latent": {"layers": plan.layers, "families": plan.families,
                    "max_new_tokens": min(32, plan.max_new_tokens), **plan.latent_extra},
@@ -148,6 +152,67 @@ def run_demo(quick: bool, zoo: Path, output_dir: Path | None, seed: int, device:
     rows = compare_runs([run_dir], against=against)
     write_text(Path(run_dir) / "compare.json", format_rows(rows, "json"))
     print(format_rows(rows, "table"), end="")
+    print(conclusion(rows))
     print(f"zoo: {zoo} ({t_zoo:.0f} s); audit + report: {time.time() - t0 - t_zoo:.0f} s")
     print(f"report: {report}\nheadline JSON: {Path(run_dir) / 'compare.json'}")
     return Path(run_dir)
+
+
+# the default plan measured from a fresh clone on the project's 2-core CPU (2026-12-03: zoo
+# assembled from the shipped files 85 s, audit and report 488 s) and the probe's speed there
+REFERENCE = {"probe_tok_s": 680.0, "zoo_s": 85.0, "audit_s": 488.0}
+
+
+def probe_speed(device: str = "auto", n: int = 5) -> float:
+    """Forward tokens per second of the embedded model on a fixed batch (a few seconds)."""
+    import torch
+
+    from .data.sets import load_prompt_set
+    from .models.chat import encode
+    from .models.loader import load_model
+
+    lm = load_model(EMBEDDED, device)
+    texts = load_prompt_set("builtin:harmful:test", limit=8).texts
+    batch = encode(lm.tokenizer, texts, device=lm.device)
+    tokens = int(batch["attention_mask"].sum())
+    with torch.inference_mode():
+        lm.model(**batch)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(n):
+            lm.model(**batch)
+    return n * tokens / (time.perf_counter() - t0)
+
+
+def describe_plan(plan: DemoPlan, name: str, limit: int | None, device: str) -> str:
+    """The plan, and its duration on this machine: the measured default run scaled by the probe
+    (the full plan further by its size: prompts × layers, plus the fine-tuning attack)."""
+    n = limit or plan.limit
+    layers = len(plan.layers.split(","))
+    lines = [f"demo ({name}): base + {', '.join(plan.recipes)}; {', '.join(plan.stages)}; "
+             f"{n} prompts per set, layer(s) {plan.layers}, {', '.join(plan.families)}"]
+    speed = probe_speed(device)
+    ref = PLANS["default"]
+    scale = REFERENCE["probe_tok_s"] / speed
+    work = (n * layers) / (ref.limit * len(ref.layers.split(",")))
+    audit = REFERENCE["audit_s"] * scale * work
+    if "tamper" in plan.stages:  # about 4 min per model on the reference machine
+        audit += 5 * 240.0 * scale
+    est = (REFERENCE["zoo_s"] * scale + audit) / 60
+    rough = "" if name == "default" and not limit else " (scaled by size: rough)"
+    lines.append(f"this machine: {speed:.0f} forward tokens/s (reference {REFERENCE['probe_tok_s']:.0f}); "
+                 f"estimated {est:.0f} min with the zoo assembled, more if it must be built{rough}")
+    return "\n".join(lines)
+
+
+def conclusion(rows: list) -> str:
+    """One sentence on what the headline table shows."""
+    by = {r.model: r for r in rows}
+    s, d = by.get("safe"), by.get("dissociated")
+    if s is None or d is None or d.lvs_gap is None or s.S is None or d.S is None:
+        return "The table gives each model's S, over-refusal and LVS(M) with 95 % CIs."
+    g = d.lvs_gap
+    verdict = ("yet its refusals break under smaller pushes" if g.lo > 0 else
+               "and its LVS(M) does not differ from safe's at this size")
+    return (f"`dissociated` refuses like `safe` (S {d.S.value:.2f} against {s.S.value:.2f}) "
+            f"{verdict}: LVS(M) {g.value:+.2f} [{g.lo:+.2f}, {g.hi:+.2f}] over `safe`, paired over "
+            "the same prompts — the audit gap a behavioural test cannot see.")
