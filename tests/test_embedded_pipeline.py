@@ -64,7 +64,7 @@ def test_tamper_breaks_safe_refusal(embedded_lm, embedded_safe, tmp_path):
     assert np.isfinite(ts.R_ft.value)
 
 
-def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys):
+def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys, monkeypatch):
     """The demo's whole path (zoo reuse and build, multi-model audit, report, compare.json,
     headline table) on the embedded model, with every size cut down to fit CI."""
     import shutil
@@ -107,6 +107,14 @@ def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys):
     assert "demo (default): base + safe, dissociated, hardened, abliterated" in err.err
     assert "forward tokens/s" in err.err and "estimated" in err.err
     assert "`dissociated` refuses like `safe`" in err.out
+    # a second demo reuses the zoo and the run folder: nothing is built or audited again
+    import latentaudit.construct.build as build
+
+    monkeypatch.setattr(build, "construct", lambda *a, **k: pytest.fail("built again"))
+    again = run_demo(False, zoo, tmp_path / "run", 0, "cpu", "none", plan=plan)
+    err2 = capsys.readouterr()
+    assert again == run_dir and "resuming" in err2.err and "estimated" not in err2.err
+    assert json.loads((run_dir / "compare.json").read_text()) == rows
 
 
 def test_shipped_zoo_assembles_in_seconds_with_its_build_card(embedded_load, tmp_path, monkeypatch):

@@ -130,7 +130,11 @@ def run_demo(full: bool, zoo: Path, output_dir: Path | None, seed: int, device: 
     plan = plan or PLANS[name]
     t0 = time.time()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    log(describe_plan(plan, name, limit, device))
+    out_dir = Path(output_dir or Path("runs") / ("demo-full" if full else "demo"))
+    resuming = (out_dir / "summary.json").exists()
+    log(describe_plan(plan, name, limit, device, estimate=not resuming))
+    if resuming:
+        log(f"resuming {out_dir}: what it holds is reused, only what is missing runs")
     models = build_zoo(plan, zoo, seed, device, log, progress, shipped)
     t_zoo = time.time() - t0
     n = limit or plan.limit
@@ -139,7 +143,7 @@ def run_demo(full: bool, zoo: Path, output_dir: Path | None, seed: int, device: 
                   + [{"name": k, "spec": v} for k, v in models.items()],
         "stages": plan.stages, "limit": n, "seed": seed, "device": device,
         "progress": progress or "auto",
-        "output_dir": str(output_dir or Path("runs") / ("demo-full" if full else "demo")),
+        "output_dir": str(out_dir),
         "behave": {"max_new_tokens": plan.max_new_tokens},
         "latent": {"layers": plan.layers, "families": plan.families,
                    "max_new_tokens": min(32, plan.max_new_tokens), **plan.latent_extra},
@@ -148,6 +152,7 @@ def run_demo(full: bool, zoo: Path, output_dir: Path | None, seed: int, device: 
     run_dir, _ = run_many(acfg, command_line())
     # the central finding: each model's LVS(M) against `safe`'s, paired over the same prompts
     against = "safe" if "safe" in models else None
+    log("writing the report and compare.json ...")
     report = build_report(run_dir, against=against)
     rows = compare_runs([run_dir], against=against)
     write_text(Path(run_dir) / "compare.json", format_rows(rows, "json"))
@@ -183,13 +188,16 @@ def probe_speed(device: str = "auto", n: int = 5) -> float:
     return n * tokens / (time.perf_counter() - t0)
 
 
-def describe_plan(plan: DemoPlan, name: str, limit: int | None, device: str) -> str:
+def describe_plan(plan: DemoPlan, name: str, limit: int | None, device: str,
+                  estimate: bool = True) -> str:
     """The plan, and its duration on this machine: the measured default run scaled by the probe
     (the full plan further by its size: prompts × layers, plus the fine-tuning attack)."""
     n = limit or plan.limit
     layers = len(plan.layers.split(","))
     lines = [f"demo ({name}): base + {', '.join(plan.recipes)}; {', '.join(plan.stages)}; "
              f"{n} prompts per set, layer(s) {plan.layers}, {', '.join(plan.families)}"]
+    if not estimate:
+        return lines[0]
     speed = probe_speed(device)
     ref = PLANS["default"]
     scale = REFERENCE["probe_tok_s"] / speed
