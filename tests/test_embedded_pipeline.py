@@ -114,6 +114,7 @@ def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys, 
     again = run_demo(False, zoo, tmp_path / "run", 0, "cpu", "none", plan=plan)
     err2 = capsys.readouterr()
     assert again == run_dir and "resuming" in err2.err and "estimated" not in err2.err
+    assert err2.err.count("not reloaded") == 5  # each model's key read from its files
     assert json.loads((run_dir / "compare.json").read_text()) == rows
 
 
@@ -123,6 +124,11 @@ def test_shipped_zoo_assembles_in_seconds_with_its_build_card(embedded_load, tmp
     from latentaudit.construct.ship import ADAPTER_FILE, CARD_FILE, SHIPPED
     from latentaudit.demo import PLANS, build_zoo
 
+    from latentaudit.runs import keys
+
+    # the store key read from the files (a finished run is not reloaded) is the loaded model's
+    assert keys.spec_model_key("embedded:smollm2-135m", "float32", "cpu") == keys.model_key(
+        embedded_load[0])
     shipped = SHIPPED / "smollm2-135m"
     for name in PLANS["full"].recipes:
         card = json.loads((shipped / name / CARD_FILE).read_text())

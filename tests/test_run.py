@@ -218,3 +218,52 @@ def test_a_staged_folder_is_published_whole_or_not_at_all(tmp_path):
         (tmp / "c").write_text("three")
     assert sorted(p.name for p in out.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_finished_audit_rerun_loads_no_model_and_a_resumed_one_scores_no_guard_again(
+        tmp_path, monkeypatch, capsys):
+    """A second run of a finished audit prints its summary without loading a model (each
+    model's key is read from its files); a run resumed after its summary was lost replays the
+    store, the coherence guard's calibration included, and recomputes nothing."""
+    import latentaudit.pipeline as pipeline
+    from latentaudit.judges.coherence import CoherenceGuard
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(tmp_path, stages=["behave", "latent"])
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "-o", str(out)]) == 0
+    ref, rows = _stable(out), _count(out / "store.sqlite", "")
+    assert _count(out / "store.sqlite", "guard/") == 2  # one calibration per model
+
+    def refuse(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(pipeline, "load_model", refuse)
+    capsys.readouterr()
+    assert main(["run", "--config", str(cfg), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("not reloaded") == 2 and _stable(out) == ref
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    (out / "summary.json").unlink()  # nothing says the models finished: they are replayed
+    monkeypatch.setattr(CoherenceGuard, "_score", refuse)
+    assert main(["run", "--config", str(cfg), "-o", str(out)]) == 0
+    assert _stable(out) == ref and _count(out / "store.sqlite", "") == rows
+    err = capsys.readouterr().err
+    assert "not reloaded" not in err and "audit: 2/2 qwen" in err
+
+
+def test_a_model_key_read_from_its_files_is_the_loaded_models(tmp_path):
+    from latentaudit.models.loader import load_model
+    from latentaudit.models.tiny import tiny_model, tiny_tokenizer
+    from latentaudit.runs import keys
+
+    ckpt = tmp_path / "m"
+    tiny_model("llama").save_pretrained(ckpt)
+    tiny_tokenizer().save_pretrained(ckpt)
+    for spec in ("tiny:qwen2", str(ckpt)):
+        assert keys.spec_model_key(spec, "float32", "cpu") == keys.model_key(
+            load_model(spec, "cpu", "float32"))
+    assert keys.spec_model_key(spec, "bfloat16", "cpu") != keys.spec_model_key(spec, "float32", "cpu")
+    assert keys.spec_model_key(str(tmp_path / "nothing"), "float32", "cpu") is None
+    assert keys.spec_model_key("owner/some-hub-model", "float32", "cpu") is None

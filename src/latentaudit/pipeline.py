@@ -15,7 +15,7 @@ import torch
 from .config import RunConfig
 from .models.loader import load_model
 from .models.memory import free_memory
-from .progress import progress_factory
+from .progress import progress_factory, unit_line
 from .runs import keys
 from .runs.provenance import environment
 from .runs.run import Run, check_run_folder, open_run
@@ -187,18 +187,51 @@ def run_many(acfg, command: str, executor=None) -> tuple[Path, Summary]:
     ident = acfg.model_dump(exclude={"executor"})
     # one lock for the whole command: every model writes through this one open run
     check_run_folder(acfg.output_dir, ident, "audit")
-    load_judge(acfg)  # a judge that cannot load stops the run before any model loads
     run = open_run(acfg.output_dir, ident, "audit", command=command)
     try:
+        finished = {} if executor is not None else _finished(run, entries, cfgs, stages)
+        if len(finished) < len(entries):
+            load_judge(acfg)  # a judge that cannot load stops the run before any model loads
         if executor is not None:
             return run.dir, executor.run(run, entries, cfgs, stages, _write_summary)
+        summary, t0, todo = None, time.time(), len(entries) - len(finished)
         for e, c in zip(entries, cfgs):
+            if e.name in finished:
+                print(f"== {e.name}: finished in this folder ({finished[e.name]}), not reloaded",
+                      file=sys.stderr, flush=True)
+                continue
+            t1 = time.time()
             print(f"== {e.name}: {e.spec} ({', '.join(stages)})", file=sys.stderr, flush=True)
             _, summary = run_audit(c, stages, command, run=run, name=e.name)
             free_memory()  # the model just audited is dropped: its accelerator memory too
+            done = sum(1 for x in entries[:entries.index(e) + 1] if x.name not in finished)
+            print(unit_line("audit", e.name, done, todo, time.time() - t1, time.time() - t0),
+                  file=sys.stderr, flush=True)
+        if summary is None:  # every model had finished: the summary stands as it is
+            summary = Summary.model_validate_json(run.summary_path.read_text())
         return run.dir, summary
     finally:
         run.close()
+
+
+def _finished(run: Run, entries, cfgs: list[RunConfig], stages: list[str]) -> dict[str, str]:
+    """The models this folder's summary already holds complete, by name → key: the key their
+    files give now (read without loading the model) and every stage's result. A rerun of a
+    finished audit then reloads and replays nothing."""
+    try:
+        old = Summary.model_validate_json(run.summary_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, str] = {}
+    for e, c in zip(entries, cfgs):
+        fields = [STAGES[s]().summary_fields(c) for s in stages]
+        if any(f is None for f in fields):
+            continue
+        key = keys.spec_model_key(c.model, c.dtype, c.device)
+        entry = next((m for m in old.models if m.key == key and m.name == e.name), None)
+        if entry is not None and all(getattr(entry, f) is not None for fs in fields for f in fs):
+            out[e.name] = key
+    return out
 
 
 def command_line() -> str:

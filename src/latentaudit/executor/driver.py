@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from ..errors import UserError
 from ..files import write_bytes
+from ..progress import unit_line
 from .units import Result, Task, Unit, plan, records_for, shipped_files, task_config
 
 
@@ -126,20 +127,13 @@ def run_units(acfg, entries, cfgs, stages: list[str], run, command: str, backend
                     warnings.warn(w, stacklevel=1)
                 summary = write_summary(run, acfg, command, t0,
                                         [ModelSummary.model_validate(out.summary)])
-            el = time.time() - t0
-            eta = el / n_done * (n_total - n_done)
-            _say(f"executor: {n_done}/{n_total} {unit.id} ({out.wall_s:.0f} s on "
-                 f"{out.worker or 'worker'}) · elapsed {_hms(el)} · remaining ~{_hms(eta)}")
+            _say(unit_line("executor", unit.id, n_done, n_total, out.wall_s, time.time() - t0,
+                           f" on {out.worker or 'worker'}"))
     finally:
         backend.close()
     if summary is None:  # nothing ran (cannot happen: summary units always run)
         raise UserError("the executor ran no summary unit")
     return summary
-
-
-def _hms(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def _say(line: str) -> None:

@@ -46,3 +46,31 @@ def spec_fingerprint(spec: str) -> str | None:
     if p.is_dir() and (p / "config.json").is_file():
         return dir_fingerprint(p)
     return None
+
+
+def spec_folder_fingerprint(spec: str) -> tuple[bool, str | None]:
+    """``(known, fingerprint(load_model(spec)))`` read from the files, without loading: the
+    store key's identity (folder first). ``known`` is False when only loading can tell (a hub
+    model's commit, a gguf not yet converted, a path that is not a model)."""
+    from .embedded import EMBEDDED, find_embedded_gguf
+    from .loader import _is_checkpoint_dir, dir_fingerprint, gguf_cache_dir
+
+    if spec.startswith("tiny:"):
+        return True, None
+    if spec.startswith("embedded:") or spec.endswith(".gguf"):
+        if spec.startswith("embedded:"):
+            alias = spec.split(":", 1)[1]
+            try:
+                gguf = find_embedded_gguf(alias) if alias in EMBEDDED else None
+            except Exception:  # not installed: loading says how to install it
+                gguf = None
+        else:
+            gguf = Path(spec).expanduser()
+        if gguf is None or not gguf.is_file():
+            return False, None
+        out, _ = gguf_cache_dir(gguf)
+        return (True, dir_fingerprint(out)) if _is_checkpoint_dir(out) else (False, None)
+    p = Path(spec).expanduser()
+    if p.is_dir() and _is_checkpoint_dir(p):
+        return True, dir_fingerprint(p)
+    return False, None

@@ -10,6 +10,7 @@ folder never serves a result computed under other settings::
     latent/{model}/{family}/{settings}/{prompt}                 an unbounded family's response
     tamper-nll/{model}/{generation}/{set}/{prompt}              utility NLL after s attack steps
     tamper-meta/{model}                                         what one checkpoint's training did
+    guard/{model}/{settings}                                    the coherence guard's calibration
 
 ``{model}`` is a model key (:func:`model_key`); the fine-tuning attack's
 checkpoints are models of their own, ``{model}+tamper-{attack}-s{steps}`` (a worst-case search
@@ -37,9 +38,24 @@ def model_key(lm) -> str:
     """The key of a loaded model's (weights, dtype): its spec's slug and a hash of its
     fingerprint. A model rebuilt at the same path gets a new key, so nothing stored for the old
     weights is reused."""
-    fp = fingerprint(lm) or ""
-    h = hashlib.sha256(f"{lm.spec}|{fp}|{lm.info.get('dtype')}".encode()).hexdigest()[:10]
-    return f"{slug(lm.spec.replace(':', '-').replace('/', '-'))}-{h}"
+    return _model_key(lm.spec, fingerprint(lm) or "", lm.info.get("dtype"))
+
+
+def spec_model_key(spec: str, dtype: str, device: str | None) -> str | None:
+    """``model_key(load_model(spec, device, dtype))`` from the files alone, without loading the
+    model (a finished run is not reloaded to be replayed); None when only loading can tell."""
+    from ..models.device import resolve_dtype
+    from ..models.fingerprint import spec_folder_fingerprint
+
+    known, fp = spec_folder_fingerprint(spec)
+    if not known:
+        return None
+    return _model_key(spec, fp or "", str(resolve_dtype(dtype, device)).replace("torch.", ""))
+
+
+def _model_key(spec: str, fp: str, dtype: str | None) -> str:
+    h = hashlib.sha256(f"{spec}|{fp}|{dtype}".encode()).hexdigest()[:10]
+    return f"{slug(spec.replace(':', '-').replace('/', '-'))}-{h}"
 
 
 def behave_prefix(model_key: str, judged: str, set_name: str) -> str:
@@ -79,6 +95,11 @@ def parse_eps_key(prefix: str, key: str) -> tuple[str, float]:
     """(prompt id, ε) of a key made by :func:`eps_key` under ``prefix``."""
     pid, _, eps = key[len(prefix):].rpartition("/")
     return pid, float(eps)
+
+
+def guard_key(model_key: str, settings: str) -> str:
+    """The coherence guard's calibration on one model's own answers (its threshold)."""
+    return f"guard/{model_key}/{settings}"
 
 
 def tamper_checkpoint(model_key: str, attack: str, steps: int) -> str:

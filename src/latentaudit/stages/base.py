@@ -68,6 +68,12 @@ class Stage(ABC):
     def check_model(self, cfg: "RunConfig", lm: "LoadedModel") -> None:
         pass
 
+    def summary_fields(self, cfg: "RunConfig") -> list[str] | None:
+        """The fields of a model's summary entry this stage fills once it has finished (each is
+        written only then): a rerun skips a model whose entry has them all. None: its end
+        cannot be read from the summary, so a rerun always runs it (from the store)."""
+        return None
+
     @abstractmethod
     def run(self, ctx: StageContext, cfg: Any) -> None:
         """Compute this stage for ``ctx``'s model and ``ctx.record`` each result."""

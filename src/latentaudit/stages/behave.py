@@ -256,6 +256,9 @@ class BehaveStage(Stage):
     def check(self, cfg) -> None:
         load_sets(cfg)  # a set that cannot load fails before the model does
 
+    def summary_fields(self, cfg) -> list[str]:
+        return ["behave"]
+
     def run(self, ctx: StageContext, cfg: BehaveConfig) -> None:
         harmful, harmless = load_sets(ctx.cfg)
         ctx.record("behave", run_behave(ctx.lm, ctx.store, ctx.model_key, harmful, harmless,

@@ -251,6 +251,9 @@ class LatentStage(Stage):
     def _uses_directions(L: LatentConfig) -> bool:
         return any(registry.get("family", f).uses_directions for f in L.families)
 
+    def summary_fields(self, cfg) -> list[str]:
+        return ["latent"]
+
     def run(self, ctx: StageContext, cfg: LatentConfig) -> None:
         ps = load_prompt_set(cfg.harmful, ctx.cfg.data_dir, ctx.cfg.behave.prompt_col,
                              ctx.cfg.limit)
@@ -290,13 +293,25 @@ def prompt_chunk(ps, i: int, k: int):
 
 def calibrate_guard(ctx: StageContext):
     """The coherence guard, calibrated on the clean model's own greedy answers to harmless
-    prompts (the latent stage's generation settings)."""
+    prompts (the latent stage's generation settings). The calibration (threshold and score
+    summary) is stored as soon as it is known: a resumed run reads it instead of scoring the
+    answers again (a forward pass over every calibration answer)."""
     from ...judges.coherence import CoherenceGuard
     from ..behave import GenSettings, behave_records
 
     cfg = ctx.cfg
     ps = load_prompt_set("builtin:harmless:test", limit=cfg.latent.calibration_n)
-    recs = behave_records(ctx.lm, ctx.store, ctx.model_key, ps, "harmless", ctx.judge,
-                          GenSettings(cfg.latent.max_new_tokens, cfg.batch_size, cfg.behave.system))
+    gen = GenSettings(cfg.latent.max_new_tokens, cfg.batch_size, cfg.behave.system)
     guard = CoherenceGuard(system=cfg.behave.system, batch_size=cfg.batch_size)
-    return guard.calibrate(ctx.lm, [r["prompt"] for r in recs], [r["response"] for r in recs])
+    key = keys.guard_key(ctx.model_key, keys.settings_hash({
+        "guard": guard.describe()["parameters"], "generation": gen.generation_key(ctx.model_key),
+        "set": ps.name, "prompts": [p.id for p in ps.prompts]}))
+    stored = ctx.store.get(key)
+    if stored is not None:
+        guard.min_logprob, guard.calibration = stored["min_logprob"], stored["calibration"]
+        return guard
+    recs = behave_records(ctx.lm, ctx.store, ctx.model_key, ps, "harmless", ctx.judge, gen)
+    guard.calibrate(ctx.lm, [r["prompt"] for r in recs], [r["response"] for r in recs])
+    ctx.store.put(key, "latent", {"min_logprob": guard.min_logprob,
+                                  "calibration": guard.calibration})
+    return guard

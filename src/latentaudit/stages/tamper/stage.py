@@ -24,6 +24,11 @@ class TamperStage(Stage):
                 raise UserError("tamper: search_trials needs optuna: pip install optuna "
                                 "(or pip install 'latentaudit[search]')") from None
 
+    def summary_fields(self, cfg) -> list[str]:
+        if cfg.tamper.control == "benign":
+            return ["tamper_control"]
+        return ["tamper"] + (["tamper_search"] if cfg.tamper.search_trials else [])
+
     def run(self, ctx: StageContext, cfg) -> None:
         tcfg = _attack_config(ctx)
         res = run_tamper(ctx.lm, ctx.store, ctx.model_key, tcfg, ctx.judge, ctx.progress,
@@ -46,6 +51,9 @@ class TamperControlStage(Stage):
 
     def check(self, cfg) -> None:
         TamperStage().check(cfg)
+
+    def summary_fields(self, cfg) -> list[str]:
+        return ["tamper_control"]
 
     def run(self, ctx: StageContext, cfg) -> None:
         ccfg = _attack_config(ctx).model_copy(update={"control": "benign"})
