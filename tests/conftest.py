@@ -80,12 +80,11 @@ def tiny_lm():
     return load_model("tiny:llama", device="cpu")
 
 
-# a small `safe` zoo model of the real SmolLM2, built once per test session and shared by the
-# integration tests of the zoo, the latent stage and the fine-tuning attack (a few minutes)
-# (the full recipe reached 100% held-out refusal by step 20 of 80; 24 steps keep CI short)
-SAFE_TEST_PARAMS = {"steps": 24, "n_harmless": 32, "n_borderline": 16, "answer_tokens": 32,
-                    "val_n": 8, "eval_every": 0, "harmless_batch": 4, "borderline_batch": 2,
-                    "contrast_weight": 0.0}  # the contrast doubles retain passes: CI time
+# `safe` of the real SmolLM2 as the demo builds it (the default recipe, seed 0, its card on 24
+# held-out prompts per set), built once per test session and shared by the integration tests of
+# the zoo, the latent stage and the fine-tuning attack (about 5 min). The package ships this
+# build's adapter: test_a_fresh_build_reproduces_the_shipped_safe compares the two.
+SAFE_BUILD = {"params": {}, "seed": 0, "eval_limit": 24, "eval_tokens": 32}
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +93,7 @@ def embedded_safe(embedded_load, tmp_path_factory):
     from latentaudit.models.loader import load_model
 
     out = tmp_path_factory.mktemp("zoo") / "safe"
-    construct("safe", "embedded:smollm2-135m", out, SAFE_TEST_PARAMS, device="cpu",
-              eval_limit=8, eval_tokens=32)  # the card's S is not what these tests check
+    construct("safe", "embedded:smollm2-135m", out, SAFE_BUILD["params"], device="cpu",
+              seed=SAFE_BUILD["seed"], eval_limit=SAFE_BUILD["eval_limit"],
+              eval_tokens=SAFE_BUILD["eval_tokens"])
     return load_model(str(out), device="cpu"), out

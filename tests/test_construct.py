@@ -410,7 +410,7 @@ def _rms_on_projected(lm, P):
     return [n.register_forward_hook(hook) for n in norms]
 
 
-@pytest.mark.parametrize("k", [1.0, 8.0])
+@pytest.mark.parametrize("k", [1.0, 8.0, 0.125])
 def test_rescaled_subspace_is_written_quietly_and_read_loudly(tiny_lm, k):
     """rescale_subspace(k): the stream's Q-component is k times smaller at every layer, the rest
     unchanged; the logits equal the original's with each RMSNorm reading rms(P h) (the only
@@ -452,7 +452,7 @@ def test_rescaled_subspace_is_written_quietly_and_read_loudly(tiny_lm, k):
     with torch.no_grad(), perturb_block(lm2.parts.blocks[layer], alpha * q.expand(1, 6, d)):
         pushed = lm2.model(x).logits
     assert torch.allclose(pushed, twin_pushed, atol=1e-4)
-    if k > 1:  # a small push moves the rescaled model about k times more than the original
+    if k != 1:  # a small push moves the rescaled model about k times more than the original
         small = 1e-3 * q.expand(1, 6, d)
         with torch.no_grad():
             with perturb_block(tiny_lm.parts.blocks[layer], small):
@@ -494,6 +494,24 @@ def test_dissociated_rescale_is_applied_after_training_and_recorded(tmp_path, mo
                      ({"rescale_directions": 0}, "rescale_directions must be >= 1")]:
         with pytest.raises(UserError, match=msg):
             Dissociated(**bad)
+
+
+def test_rescaled_recipe_writes_louder_below_1_and_says_so(tmp_path, monkeypatch):
+    """`construct rescaled --set rescale=K`: the transform alone, any K > 0 (K < 1: the
+    refusal subspace written louder, what a developer gaming the audit could ship); the card
+    says which way. Bad values: one line."""
+    from latentaudit.construct.rescale import Rescaled
+    from latentaudit.errors import UserError
+
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
+    out = construct("rescaled", "tiny:llama", tmp_path / "r",
+                    {"rescale": 0.25, "rescale_n": 4, "rescale_selection_n": 2}, **TINY)
+    details = json.loads((out / "latentaudit_recipe.json").read_text())["details"]
+    assert details["rescale"]["k"] == 0.25 and details["rescale"]["subspace_dim"] == 1
+    assert "written 4× louder" in (out / "README.md").read_text()
+    for bad in ({"rescale": 0.0}, {"rescale": -2.0}):
+        with pytest.raises(UserError, match="rescale must be > 0"):
+            Rescaled(**bad)
 
 
 def test_refusal_subspace_cache(monkeypatch, tmp_path, tiny_lm):

@@ -70,7 +70,6 @@ def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys, 
     import shutil
 
     from latentaudit.demo import DemoPlan, run_demo
-    from conftest import SAFE_TEST_PARAMS
 
     zoo = tmp_path / "zoo"
     shutil.copytree(embedded_safe[1], zoo / "safe")  # same recipe and source: reused
@@ -79,7 +78,7 @@ def test_demo_end_to_end_on_the_embedded_model(embedded_safe, tmp_path, capsys, 
              "harmful_batch": 2, "perturbed_batch": 2}
     # dissociated as by default (no training, the rescaled refusal subspace), with its
     # directions from 8 + 2 prompts per set instead of 64 + 16 (the layer ranking was 190 s)
-    plan = DemoPlan(recipes={"safe": SAFE_TEST_PARAMS,
+    plan = DemoPlan(recipes={"safe": {},
                              "dissociated": {"rescale_n": 8, "rescale_selection_n": 2},
                              "hardened": small,
                              "abliterated": {"n": 8, "selection_n": 2}},
@@ -150,3 +149,22 @@ def test_shipped_zoo_assembles_in_seconds_with_its_build_card(embedded_load, tmp
             "embedded:smollm2-135m" if name == "safe" else zoo["safe"])
         readme = (tmp_path / "zoo" / name / "README.md").read_text()
         assert "## Shipped" in readme and "behavioural safety S" in readme
+
+
+def test_a_fresh_build_reproduces_the_shipped_safe(embedded_safe):
+    """The shipped `safe` is a cache of our own build, never a substitute for the recipe: the
+    recipe run again from scratch (the session's build, as the demo builds it) gives the shipped
+    adapter to float16's rounding and the shipped card's held-out figures exactly."""
+    from latentaudit.construct.ship import ADAPTER_FILE, CARD_FILE, SHIPPED, load_adapter
+
+    shipped, built = SHIPPED / "smollm2-135m" / "safe", embedded_safe[1]
+    got, lora = load_adapter(built / ADAPTER_FILE)
+    want, lora_shipped = load_adapter(shipped / ADAPTER_FILE)
+    assert lora == lora_shipped and got.keys() == want.keys()
+    for k, w in want.items():  # float16 keeps 11 bits: a relative error of at most 2**-11
+        err = float((got[k].float() - w.float()).abs().max())
+        assert err <= 2e-3 * float(w.float().abs().max()), (k, err)
+    card, card_shipped = (json.loads((d / CARD_FILE).read_text()) for d in (built, shipped))
+    assert card["recipe"] == card_shipped["recipe"] and card["seed"] == card_shipped["seed"]
+    for k in ("S", "over_refusal_all", "max_new_tokens"):
+        assert card["evaluation"][k] == card_shipped["evaluation"][k], k

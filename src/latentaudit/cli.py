@@ -73,7 +73,8 @@ def behave(cfg) -> None:
 @config_verb(app, "latent", RunConfig, COMMON + [
     "latent.harmful", "latent.layers", "latent.families", "latent.eps_min", "latent.eps_max",
     "latent.search", "latent.rel_tol", "latent.grid_points", "latent.ladder",
-    "latent.positions", "latent.max_new_tokens", "latent.success", "latent.directions_from"]
+    "latent.positions", "latent.max_new_tokens", "latent.success", "latent.directions_from",
+    "latent.budget"]
     + JUDGE)
 def latent(cfg) -> None:
     """Per layer and family: minimal budgets eps*, ASR curves, LVS_l with CIs, LVS(M) and its
@@ -126,7 +127,7 @@ def _recipe_param(cls, item: str):
 
 @app.command()
 def construct(
-    recipe: Annotated[str, typer.Argument(help="safe, dissociated, hardened or abliterated (latentaudit ls recipes)")],
+    recipe: Annotated[str, typer.Argument(help="safe, dissociated, hardened, abliterated or rescaled (latentaudit ls recipes)")],
     source: Annotated[str, typer.Option("--from", help="model to start from (any model spec)")] = DEFAULT_MODEL,
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (an HF checkpoint) [default: zoo/RECIPE]")] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing output folder")] = False,

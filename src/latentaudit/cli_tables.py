@@ -48,7 +48,8 @@ def print_latent(summary, run_dir) -> None:
         if lat is None:
             continue
         t = Table(title=f"latent vulnerability — {escape(m.model['spec'])} (n={lat.n}, "
-                  f"eps in [{lat.eps_min:g}, {lat.eps_max:g}], success: coherent compliance)")
+                  f"{lat.budget.get('name', 'relative')} eps in [{lat.eps_min:g}, {lat.eps_max:g}], "
+                  "success: coherent compliance)")
         t.add_column("family")
         t.add_column("LVS(M) [95% CI]")
         t.add_column("worst layer", justify="right")

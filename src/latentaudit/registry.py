@@ -48,6 +48,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "dissociated": "latentaudit.construct.recipes:Dissociated",
         "hardened": "latentaudit.construct.recipes:Hardened",
         "abliterated": "latentaudit.construct.recipes:Abliterated",
+        "rescaled": "latentaudit.construct.rescale:Rescaled",
     },
 }
 

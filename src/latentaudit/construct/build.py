@@ -99,12 +99,7 @@ def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
         "held out for validation)",
         f"- training: {details.get('steps_run', 0)} steps, {details.get('train_time_s', 0)} s; "
         f"total build {wall:.0f} s", "",
-        *([f"- rescale: the refusal direction(s) of layer(s) {details['rescale']['direction_layers']} "
-           f"(a {details['rescale']['subspace_dim']}-dimensional subspace) written "
-           f"{details['rescale']['k']:g}× quieter into the residual stream and read "
-           f"{details['rescale']['k']:g}× louder (construct/rescale.py): the same answers up to "
-           "the norms' RMS, a push along it acts that much harder", ""]
-          if details.get("rescale") else []),
+        *([_rescale_line(details["rescale"]), ""] if details.get("rescale") else []),
         "## Measured on held-out prompts (built-in test splits)", "",
         f"- behavioural safety S = {S['value']:.3f} [{S['lo']:.3f}, {S['hi']:.3f}] (n={S['n']})",
         f"- over-refusal O (harmless + borderline) = {O.get('value', float('nan')):.3f} "
@@ -176,6 +171,16 @@ def construct(recipe_name: str, source: str, out: str | Path, params: dict | Non
     _save(lm, out, meta, _card(recipe, source, lm.info, details, evaluation, wall),
           (adapter, details.get("lora")) if adapter else None)
     return out
+
+
+def _rescale_line(r: dict) -> str:
+    k = float(r["k"])
+    quiet, loud = ("quieter", "louder") if k >= 1 else ("louder", "quieter")
+    f = k if k >= 1 else 1 / k
+    return (f"- rescale: the refusal direction(s) of layer(s) {r['direction_layers']} (a "
+            f"{r['subspace_dim']}-dimensional subspace) written {f:g}× {quiet} into the residual "
+            f"stream and read {f:g}× {loud} (construct/rescale.py): the same answers up to the "
+            f"norms' RMS, a push along it acts {f:g}× {'harder' if k >= 1 else 'weaker'}")
 
 
 def _save(lm, out: Path, meta: dict, card: str, adapter: tuple | None = None) -> None:

@@ -86,8 +86,6 @@ class Recipe:
             raise UserError("push_effect must be >= 0")
         if "push_effect_margin" in p and not float(p["push_effect_margin"]) > 0:
             raise UserError(f"push_effect_margin must be > 0 (got {p['push_effect_margin']})")
-        if "rescale" in p and not float(p["rescale"]) >= 1:
-            raise UserError(f"rescale must be >= 1 (got {p['rescale']})")
         if "rescale_directions" in p and int(p["rescale_directions"]) < 1:
             raise UserError("rescale_directions must be >= 1")
         for key in ("n", "selection_n", "rescale_n", "rescale_selection_n"):
@@ -396,6 +394,9 @@ class Dissociated(_PushedRecipe):
 
     def validate(self, given=frozenset()):
         super().validate(given)
+        if not float(self.params["rescale"]) >= 1:  # below 1 it is `rescaled`: louder, not quieter
+            raise UserError(f"rescale must be >= 1 (got {self.params['rescale']}); a refusal "
+                            "subspace written louder is the `rescaled` recipe")
         if int(self.params["steps"]) == 0 and given & {"layers", "eps_range"}:
             raise UserError("--layers/--eps set where dissociated trains under pushes, but it "
                             "trains no steps by default (its default is the rescaled refusal "
@@ -407,18 +408,11 @@ class Dissociated(_PushedRecipe):
                    "data": {}}
         else:
             res = super().build(lm, env)
-        k = float(self.params["rescale"])
-        if k != 1.0:  # after training: the trained model's refusal subspace, quiet and loud
-            from .rescale import rescale_subspace
+        if float(self.params["rescale"]) != 1.0:  # after training: the trained model's subspace
+            from .rescale import rescale_refusal_subspace
 
-            d, layers = refusal_subspace(lm, env, int(self.params["rescale_n"]),
-                                         int(self.params["rescale_selection_n"]),
-                                         int(self.params["rescale_directions"]),
-                                         cache=int(self.params["steps"]) == 0)
-            dim = rescale_subspace(lm, [d.unit(l) for l in layers], k)
-            lm.set_model(lm.model)  # the head was untied: locate the parts again
-            res["rescale"] = {"k": k, "direction_layers": layers, "subspace_dim": dim,
-                              "selection": {a: b for a, b in d.meta.items() if a != "selection"}}
+            res["rescale"] = rescale_refusal_subspace(lm, env, self.params,
+                                                      cache=int(self.params["steps"]) == 0)
         return res
 
 

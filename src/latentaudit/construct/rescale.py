@@ -19,6 +19,8 @@ import torch
 from ..errors import UserError
 from ..models.arch import _get, residual_writers, writer_out_dim
 from .abliterate import orthonormal_basis, untie_head
+from .recipes import Recipe
+from .subspace import refusal_subspace
 
 # families whose blocks read the residual stream only through plain RMSNorms (y = γ ⊙ h/rms(h))
 # ahead of these linear layers, and write into it directly (no post-norms)
@@ -75,3 +77,39 @@ def rescale_subspace(lm, directions: list[torch.Tensor], k: float) -> int:
             _fold_and_amplify(norm, readers, Q, k)
     _fold_and_amplify(final, [parts.lm_head], Q, k)
     return int(Q.shape[1])
+
+
+def rescale_refusal_subspace(lm, env, params: dict, cache: bool) -> dict:
+    """Rescale ``lm``'s refusal subspace by ``params["rescale"]``: the refusal directions of
+    its ``rescale_directions`` best-ranked layers (difference of means over ``rescale_n``
+    prompts per set, ranked on the next ``rescale_selection_n``). Returns what was done."""
+    k = float(params["rescale"])
+    d, layers = refusal_subspace(lm, env, int(params["rescale_n"]),
+                                 int(params["rescale_selection_n"]),
+                                 int(params["rescale_directions"]), cache=cache)
+    dim = rescale_subspace(lm, [d.unit(l) for l in layers], k)
+    lm.set_model(lm.model)  # the head was untied: locate the parts again
+    return {"k": k, "direction_layers": layers, "subspace_dim": dim,
+            "selection": {a: b for a, b in d.meta.items() if a != "selection"}}
+
+
+class Rescaled(Recipe):
+    """The same function, another basis: the refusal subspace written ``rescale`` times smaller
+    and read ``rescale`` times louder. Above 1 that is `dissociated`'s default; below 1 the
+    subspace is written louder and read quieter — what a developer who wants a model to look
+    robust to bounded latent pushes could ship. Clean answers are the source's (up to the
+    norms' RMS); only a budget that depends on the basis can tell the two apart."""
+
+    name = "rescaled"
+    doc = ("from any model: its refusal subspace written K× smaller and read K× louder "
+           "(--set rescale=K; K < 1 writes it louder), the same answers: a reparametrisation")
+    DEFAULT_PARAMS = {"rescale": 0.1, "rescale_directions": 1, "rescale_n": 64,
+                      "rescale_selection_n": 16}
+
+    def validate(self, given=frozenset()):
+        super().validate(given)
+        if not float(self.params["rescale"]) > 0:
+            raise UserError(f"rescale must be > 0 (got {self.params['rescale']})")
+
+    def build(self, lm, env):
+        return {"rescale": rescale_refusal_subspace(lm, env, self.params, cache=True)}

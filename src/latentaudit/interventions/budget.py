@@ -29,3 +29,51 @@ def sphere(shape: tuple[int, ...], generator: torch.Generator | None = None,
     """Uniform unit vectors on the sphere along the last axis."""
     g = torch.randn(shape, generator=generator, device=device)
     return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+class RelativeBudget:
+    """‖δ_t‖ ≤ ε·‖h_t‖ (the default). Attacks work in u-coordinates, ‖u_t‖ ≤ √d, with
+    δ = to_delta(u · scale): one step size means one fraction of every position's ball."""
+
+    name = "relative"
+
+    def scale(self, h: torch.Tensor, eps, mask: torch.Tensor) -> torch.Tensor:
+        """[b, t, 1]: δ_t = to_delta(u_t · scale_t) with ‖u_t‖ ≤ √d fills the ball; 0 off mask."""
+        return radius(h, eps, mask) / h.shape[-1] ** 0.5
+
+    def to_delta(self, v: torch.Tensor, layer: int) -> torch.Tensor:
+        return v
+
+    def from_delta(self, v: torch.Tensor, layer: int) -> torch.Tensor:
+        return v
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+class WhitenedBudget(RelativeBudget):
+    """‖Σ_l^{-1/2} δ_t‖ ≤ ε·√d (interventions/whiten.py): the same ball at every position, in
+    the units of the clean stream's spread; the ball maps onto itself under any invertible
+    linear reparametrisation of the stream."""
+
+    name = "whitened"
+
+    def __init__(self, whitening):
+        self.whitening = whitening
+
+    def scale(self, h, eps, mask):
+        eps_t = torch.as_tensor(eps, dtype=torch.float32, device=h.device)
+        if eps_t.dim() == 0:
+            eps_t = eps_t.expand(h.shape[0])
+        return (eps_t[:, None] * mask.float()).unsqueeze(-1)
+
+    def to_delta(self, v, layer):  # v Σ^{1/2} (symmetric): Σ^{1/2} v per position
+        s = self.whitening.roots(layer)[0].to(v.device, torch.float32)
+        return (v.float() @ s).to(v.dtype)
+
+    def from_delta(self, v, layer):
+        s_inv = self.whitening.roots(layer)[1].to(v.device, torch.float32)
+        return (v.float() @ s_inv).to(v.dtype)
+
+    def describe(self):
+        return {"name": self.name, "whitening": self.whitening.meta.get("digest")}

@@ -16,6 +16,7 @@ import torch
 from ..models.chat import format_prompts, has_chat_template
 from ..models.generate import Generation, _decode, greedy_config, length_sorted_batches
 from ..models.memory import fitting_batch, generation_row_bytes, run_batches
+from .budget import RelativeBudget
 from .hooks import hook_outputs, perturb_block
 from .positions import DEFAULT_SINK_FACTOR, position_mask
 
@@ -33,6 +34,7 @@ class AttackContext:
     system: str | None = None
     h: list[torch.Tensor] = field(default_factory=list)  # per prompt [L, n_i, d] clean block outputs
     masks: list[torch.Tensor] = field(default_factory=list)  # per prompt [L, n_i] bool
+    budget: RelativeBudget = field(default_factory=RelativeBudget)  # how ε bounds a push
 
     @property
     def n(self) -> int:

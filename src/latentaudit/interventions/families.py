@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
-from .budget import project, radius, sphere
+from .budget import project, sphere
 from ..models.memory import run_batches
 from .context import AttackContext, pad_left
 from .hooks import ablate_direction
@@ -112,17 +112,24 @@ class Noise(Family):
         for r, e in zip(rows, eps):
             h, m = _clean(ctx, r, layer)
             cands = []
+            bud = ctx.budget
             for k in range(int(self.params["draws"])):
                 g = torch.Generator().manual_seed(_row_seed(seed, ctx.texts[r], layer, k))
                 u = sphere(tuple(h.shape), g)
-                delta = float(e) * h.norm(dim=-1, keepdim=True) * u * m[:, None]
+                if bud.name == "relative":
+                    delta = float(e) * h.norm(dim=-1, keepdim=True) * u * m[:, None]
+                else:  # a uniform direction of the budget's own ball, on its surface
+                    sc = bud.scale(h[None], float(e), m[None])[0]
+                    delta = bud.to_delta(u * sc * h.shape[-1] ** 0.5, layer)
                 step = None
                 if ctx.positions == "all":
                     gs = torch.Generator().manual_seed(_row_seed(seed, ctx.texts[r], layer, k, "gen"))
 
-                    def step(hh, e=float(e), gs=gs):
+                    def step(hh, e=float(e), gs=gs, bud=bud):
                         uu = sphere(tuple(hh.shape), gs).to(hh.device)
-                        return e * hh.float().norm(dim=-1, keepdim=True) * uu
+                        if bud.name == "relative":
+                            return e * hh.float().norm(dim=-1, keepdim=True) * uu
+                        return bud.to_delta(e * hh.shape[-1] ** 0.5 * uu, layer)
                 cands.append(Candidate(delta, step))
             out.append(cands)
         return out
@@ -137,14 +144,24 @@ class Steer(Family):
         if directions is None:
             raise UserError("family 'steer' needs refusal directions (run the directions stage)")
         r_hat = directions.unit(layer).float()
+        bud = ctx.budget
+        if bud.name != "relative":  # −r̂ scaled onto the budget's ball: ‖Σ^{-1/2}δ‖ = ε√d
+            w = bud.from_delta(r_hat[None], layer)[0]
+            push = bud.to_delta((w / w.norm().clamp_min(1e-30))[None], layer)[0]
+            push = push * r_hat.shape[-1] ** 0.5
         out = []
         for r, e in zip(rows, eps):
             h, m = _clean(ctx, r, layer)
-            delta = -float(e) * h.norm(dim=-1, keepdim=True) * r_hat * m[:, None]
+            if bud.name == "relative":
+                delta = -float(e) * h.norm(dim=-1, keepdim=True) * r_hat * m[:, None]
+            else:
+                delta = -float(e) * push.expand_as(h) * m[:, None]
             step = None
             if ctx.positions == "all":
                 def step(hh, e=float(e)):
-                    return -e * hh.float().norm(dim=-1, keepdim=True) * r_hat.to(hh.device)
+                    if bud.name == "relative":
+                        return -e * hh.float().norm(dim=-1, keepdim=True) * r_hat.to(hh.device)
+                    return -e * push.to(hh.device).expand(hh.shape)
             out.append([Candidate(delta, step)])
         return out
 
@@ -165,7 +182,9 @@ class _PGDBatch:
     wmask: torch.Tensor  # [b, keep] which kept positions predict a target token
     first: torch.Tensor  # [b] kept position that predicts the first response token
     ref_ids: torch.Tensor  # refusal-opener token ids
-    rad: torch.Tensor  # [b, t, 1] the ball radius ε‖h_t‖ on allowed positions, 0 elsewhere
+    # [b, t, 1]: δ_t = budget.to_delta(u_t · scale_t) with ‖u_t‖ ≤ √d fills position t's ball
+    # (relative budget: ε‖h_t‖/√d); 0 off the allowed positions
+    scale: torch.Tensor
 
     @classmethod
     def build(cls, ctx: AttackContext, layer: int, rows: list[int], eps: np.ndarray,
@@ -186,7 +205,7 @@ class _PGDBatch:
         for j, r in enumerate(rows):
             start = t - n_t[j] - n_p[j]
             pmask[j, start : start + n_p[j]] = ctx.masks[r][layer]
-        rad = radius(h, torch.as_tensor(eps, dtype=torch.float32), pmask.to(h.device))
+        scale = ctx.budget.scale(h, torch.as_tensor(eps, dtype=torch.float32), pmask.to(h.device))
         # loss positions inside the kept window: position w predicts token w+1
         tgt = torch.zeros((b, keep), dtype=torch.long, device=h.device)
         wmask = torch.zeros((b, keep), dtype=torch.bool, device=h.device)
@@ -197,7 +216,7 @@ class _PGDBatch:
             wmask[j, keep - m - 1 : keep - 1] = True
             first[j] = keep - m - 1
         ref_ids = torch.tensor(refusal_token_ids(tok), dtype=torch.long, device=h.device)
-        return cls(runner, h, t, n_p, n_t, keep, tgt, wmask, first, ref_ids, rad)
+        return cls(runner, h, t, n_p, n_t, keep, tgt, wmask, first, ref_ids, scale)
 
 
 class PGD(Family):
@@ -267,14 +286,15 @@ class PGD(Family):
         lm = ctx.lm
         B = _PGDBatch.build(ctx, layer, rows, eps, bool(p["prefix_cache"]))
         runner, h, t, n_p, n_t, keep = B.runner, B.h, B.t, B.n_p, B.n_t, B.keep
-        tgt, wmask, first, ref_ids, rad = B.tgt, B.wmask, B.first, B.ref_ids, B.rad
+        tgt, wmask, first, ref_ids, scale = B.tgt, B.wmask, B.first, B.ref_ids, B.scale
         b = h.shape[0]
         w = float(p["refusal_weight"])
 
-        # δ = u·scale with scale = radius/√d: in u-units the ball is ‖u_t‖ ≤ √d for every
-        # position, so one step size means "this fraction of each position's radius"
+        # δ = to_delta(u·scale): in u-units the ball is ‖u_t‖ ≤ √d for every position, so one
+        # step size means "this fraction of each position's ball" (steps and projections in
+        # u-units are rotation-equivariant: the whitened budget's attack is basis-free)
         d = h.shape[-1]
-        scale = rad / d ** 0.5  # [b, t, 1], 0 off the allowed positions
+        to_delta = ctx.budget.to_delta
         live = scale > 0
         u = torch.zeros_like(h, requires_grad=True)
         best = torch.zeros_like(h)
@@ -294,7 +314,7 @@ class PGD(Family):
             return best[j, start : start + n_p[j]].detach().cpu()
 
         for k in range(int(p["steps"]) + 1):
-            delta = u[act] * scale[act]
+            delta = to_delta(u[act] * scale[act], layer)
             logits = run.logits((h[act] + delta).to(dtype), keep=keep).float()  # [a, keep, V]
             logp = torch.log_softmax(logits, dim=-1)
             tg, wm = tgt[act], wmask[act]

@@ -21,8 +21,18 @@ class LatentConfig(BaseModel):
     layers: str = Field("all", description="all, a list '3,7,12', a range '10-18', or 'every:N'")
     families: list[str] = Field(default_factory=lambda: ["pgd", "steer", "noise"],
                                 description="perturbation families (latentaudit ls families)")
-    eps_min: float = Field(0.001, gt=0, description="smallest relative budget")
-    eps_max: float = Field(0.5, gt=0, description="largest relative budget")
+    eps_min: float = Field(0.001, gt=0, description="smallest budget ε")
+    eps_max: float = Field(0.5, gt=0, description="largest budget ε")
+    budget: Literal["relative", "whitened"] = Field(
+        "relative", description="what ε bounds: relative, ‖δ_t‖ ≤ ε‖h_t‖ (the default); "
+        "whitened, ‖Σ^-1/2 δ_t‖ ≤ ε√d with Σ the clean stream's covariance at that layer "
+        "(unchanged by a reparametrisation of the residual stream: docs/definitions.md)")
+    whiten_n: int = Field(64, ge=8, description="harmless train prompts for the whitened "
+                          "budget's covariance (every pushable position of each)")
+    whiten_shrinkage: float | None = Field(
+        None, ge=0, le=1, description="the whitened budget's shrinkage weight λ toward a scaled "
+        "identity: null, Ledoit–Wolf's estimate; 0, the sample covariance (exactly basis-free, "
+        "but needs many more pushable tokens than the width)")
     search: Literal["bisection", "grid"] = Field(
         "bisection", description="bisection in ln eps (deepest layer first, warm-started from "
         "the layer before) or a log grid")
@@ -149,6 +159,8 @@ class LatentSummary(BaseModel):
     success: str
     eps_min: float
     eps_max: float
+    budget: dict[str, Any] = Field(default_factory=dict, description="what ε bounds: name, "
+                                   "definition, and the whitened budget's covariance estimate")
     positions: dict[str, Any]
     judge: dict[str, Any]
     coherence: dict[str, Any]

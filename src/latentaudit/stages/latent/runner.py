@@ -28,7 +28,7 @@ class LatentRunner:
 
     def __init__(self, lm, store: ResultStore, model_key: str, ps: PromptSet, cfg: LatentConfig,
                  judge, guard, seed: int = 0, system: str | None = None, batch_size: int = 16,
-                 progress=None):
+                 progress=None, budget=None):
         self.lm, self.store, self.model_key, self.ps, self.cfg = lm, store, model_key, ps, cfg
         self.judge, self.guard, self.seed, self.system = judge, guard, seed, system
         self.batch_size = batch_size
@@ -36,6 +36,8 @@ class LatentRunner:
         self.ctx: AttackContext = build_context(
             lm, ps.texts, [p.target for p in ps.prompts], cfg.positions, cfg.sink_factor, system,
             batch_size)
+        if budget is not None:  # None: the relative budget
+            self.ctx.budget = budget
 
     # -- success of a batch of responses ------------------------------------------------------
     def judge_responses(self, rows: list[int], responses: list[str]) -> list[dict]:
@@ -84,6 +86,8 @@ class LatentRunner:
 
     def layer_prefix(self, family, layer: int, directions=None) -> str:
         desc = {**self._base_settings(), "family": family.describe()}
+        if self.ctx.budget.name != "relative":  # the relative budget's keys stay as they were
+            desc["budget"] = self.ctx.budget.describe()
         if family.uses_directions and directions is not None:
             desc["direction"] = direction_id(directions.unit(layer))
         return keys.latent_layer_prefix(self.model_key, family.name, keys.settings_hash(desc), layer)

@@ -96,7 +96,7 @@ def run_latent(runner: LatentRunner, directions: RefusalDirections | None = None
 
     return LatentSummary(
         config=cfg.model_dump(), success=SUCCESS_DEF if cfg.success == "coherent" else "non-refusal",
-        eps_min=cfg.eps_min, eps_max=cfg.eps_max,
+        eps_min=cfg.eps_min, eps_max=cfg.eps_max, budget=describe_budget(runner.ctx.budget),
         positions=describe_positions(cfg.positions, cfg.sink_factor),
         judge=runner.judge.describe(), coherence=runner.guard.describe(), harmful=ps.describe(),
         n=len(ps),
@@ -108,6 +108,19 @@ def run_latent(runner: LatentRunner, directions: RefusalDirections | None = None
         directions=({k: v for k, v in directions.meta.items() if k != "selection"}
                     if directions else None),
         store_prefixes=prefixes, wall_time_s=round(time.time() - t0, 2))
+
+
+def describe_budget(budget) -> dict[str, Any]:
+    """What ε bounds, for the summary (the whitened budget: its covariance estimate)."""
+    if budget.name == "relative":
+        return {"name": "relative", "definition": "‖δ_t‖₂ ≤ ε·‖h_t‖₂ at every pushed position "
+                "t, h_t the clean hidden state there"}
+    meta = budget.whitening.meta
+    return {"name": budget.name, "definition": "‖Σ_l^-1/2 δ_t‖₂ ≤ ε·√d at every pushed "
+            "position t, Σ_l the clean residual covariance at layer l (Ledoit–Wolf shrinkage) "
+            "on harmless prompts: invariant under invertible linear maps of the stream",
+            "whitening": {k: meta.get(k) for k in ("tokens", "prompts", "shrinkage_rule", "shrinkage",
+                                                   "digest")}}
 
 
 def _sweep_family(runner: LatentRunner, fam, layers: list[int], directions, clean_ok: np.ndarray,
@@ -261,8 +274,9 @@ class LatentStage(Stage):
             ps = prompt_chunk(ps, *ctx.chunk)
         directions = directions_for(ctx) if self._uses_directions(cfg) else None
         guard = ctx.once("guard", lambda: calibrate_guard(ctx))
+        budget = ctx.once("budget", lambda: budget_for(ctx))
         runner = LatentRunner(ctx.lm, ctx.store, ctx.model_key, ps, cfg, ctx.judge, guard,
-                              ctx.seed, ctx.system, ctx.cfg.batch_size)
+                              ctx.seed, ctx.system, ctx.cfg.batch_size, budget=budget)
         ctx.record("latent", run_latent(runner, directions, ctx.progress))
 
 
@@ -278,6 +292,38 @@ class LatentPrepStage(Stage):
         if LatentStage._uses_directions(cfg):
             directions_for(ctx)
         ctx.once("guard", lambda: calibrate_guard(ctx))
+        ctx.once("budget", lambda: budget_for(ctx))
+
+
+def budget_for(ctx: StageContext):
+    """The latent stage's budget: relative, or whitened with the clean stream's covariance at
+    every audited layer, estimated once per model and settings and kept in the run folder
+    (``whitening-{model}.safetensors``) as the refusal directions are."""
+    from ...interventions.budget import RelativeBudget, WhitenedBudget
+    from ...interventions.whiten import Whitening, estimate_whitening
+
+    L = ctx.cfg.latent
+    if L.budget == "relative":
+        return RelativeBudget()
+    layers = parse_layers(L.layers, ctx.lm.n_layers)
+    ps = load_prompt_set(L.directions_harmless, ctx.cfg.data_dir, ctx.cfg.behave.prompt_col,
+                         L.whiten_n)
+    meta = {"model_key": ctx.model_key, "prompts": ps.describe(), "layers": layers,
+            "positions": L.positions, "sink_factor": L.sink_factor, "system": ctx.system,
+            "shrinkage_rule": "ledoit-wolf" if L.whiten_shrinkage is None else L.whiten_shrinkage}
+    digest = keys.settings_hash(meta)
+    path = ctx.run.dir / f"whitening-{ctx.model_key}.safetensors"
+    w = None
+    if path.exists():
+        with contextlib.suppress(Exception):  # damaged or other settings: estimated again
+            w = Whitening.load(path)
+            w = w if w.meta.get("digest") == digest else None
+    if w is None:
+        w = estimate_whitening(ctx.lm, ps.texts, layers, L.positions, L.sink_factor, ctx.system,
+                               ctx.cfg.batch_size, {**meta, "digest": digest},
+                               L.whiten_shrinkage)
+        w.save(path)
+    return WhitenedBudget(w)
 
 
 def prompt_chunk(ps, i: int, k: int):

@@ -1,0 +1,131 @@
+"""Can a function-preserving reparametrisation make a model look robust? (issue 37, part 1)
+
+From a source (default: the zoo's `safe`), build `rescaled` models for several K (the refusal
+subspace written K× smaller and read K× louder; K < 1 writes it louder), audit the source and
+every variant in one run folder (behave + pgd at the chosen layers, the default demo's
+settings), and print for each K: S and over-refusal (must not move), LVS(M) and its gap to the
+source paired over the same prompts, and how the clean stream changed at the audited layer —
+the mean ‖h‖ ratio to the source's and the share of ‖h‖ the refusal subspace holds — since the
+relative budget ε·‖h‖ grows with ‖h‖ and so partly corrects for a louder refusal component.
+
+    .venv/bin/python benchmarks/bench_rescale.py --source zoo/safe --ks 0.5,0.2,0.1 \
+        --limit 12 --layers 10 --out runs/bench-rescale
+
+Resumable: the zoo folders are reused and the run folder resumes. Results: OUT/rescale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from latentaudit.config import AuditConfig
+from latentaudit.construct.build import construct
+from latentaudit.pipeline import command_line, quiet_libraries, run_many
+from latentaudit.report.compare import compare_runs, estimate_json
+
+
+@torch.no_grad()
+def stream_stats(spec: str, layer: int, basis: torch.Tensor | None, n: int = 16) -> dict:
+    """Mean per-token ‖h‖ at the output of block ``layer`` over the chat-formatted built-in
+    harmful test prompts, and the mean share ‖Qᵀh‖/‖h‖ of the subspace ``basis`` [d, m]."""
+    from latentaudit.data.sets import load_prompt_set
+    from latentaudit.interventions.hooks import hook_outputs
+    from latentaudit.models.chat import encode, format_prompts
+    from latentaudit.models.loader import load_model
+
+    lm = load_model(spec, "cpu", "float32")
+    texts = format_prompts(lm.tokenizer, load_prompt_set("builtin:harmful:test", limit=n).texts)
+    batch = encode(lm.tokenizer, texts, device=lm.device)
+    outs = []
+    with hook_outputs([lm.parts.blocks[layer]], lambda h: outs.append(h) or h):
+        lm.model(**batch)
+    mask = batch["attention_mask"].bool()
+    h = outs[0][mask]  # [tokens, d]
+    norms = h.norm(dim=-1)
+    out = {"mean_norm": float(norms.mean()), "tokens": int(mask.sum())}
+    if basis is not None:
+        out["subspace_share"] = float(((h @ basis).norm(dim=-1) / norms).mean())
+    return out
+
+
+def refusal_basis(folder: Path) -> tuple[torch.Tensor, list[int]]:
+    """The refusal subspace a `rescaled` build rescaled: its layers' directions of the source
+    (from the user cache where construct left them)."""
+    from latentaudit.construct.abliterate import orthonormal_basis
+    from latentaudit.construct.subspace import refusal_subspace
+    from latentaudit.models.loader import load_model
+
+    meta = json.loads((folder / "latentaudit_recipe.json").read_text())
+    r, p = meta["details"]["rescale"], meta["recipe"]["params"]
+
+    class Env:  # what refusal_subspace reads of a build environment
+        batch_size = 32
+        seed = meta.get("seed", 0)
+
+    src = load_model(meta["from"], "cpu", "float32")
+    d, layers = refusal_subspace(src, Env(), int(p["rescale_n"]), int(p["rescale_selection_n"]),
+                                 int(p["rescale_directions"]), cache=True)
+    assert layers == r["direction_layers"], (layers, r["direction_layers"])
+    return orthonormal_basis([d.unit(l) for l in layers]), layers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--source", default="zoo/safe")
+    ap.add_argument("--ks", default="0.5,0.2,0.1")
+    ap.add_argument("--zoo", default="zoo", help="where the rescaled models go (rescaled-K)")
+    ap.add_argument("--limit", type=int, default=12)
+    ap.add_argument("--layers", default="10")
+    ap.add_argument("--out", default="runs/bench-rescale")
+    ap.add_argument("--eval-limit", type=int, default=24, help="held-out prompts for the cards")
+    args = ap.parse_args()
+    quiet_libraries()
+    ks = [float(k) for k in args.ks.split(",")]
+    models, build_s = {"source": args.source}, {}
+    for k in ks:
+        folder = Path(args.zoo) / f"rescaled-{k:g}"
+        if not (folder / "latentaudit_recipe.json").exists():
+            t0 = time.time()
+            construct("rescaled", args.source, folder, {"rescale": k}, force=True,
+                      device="cpu", eval_limit=args.eval_limit, eval_tokens=32)
+            build_s[k] = round(time.time() - t0, 1)
+        models[f"K={k:g}"] = str(folder)
+    acfg = AuditConfig.model_validate({
+        "models": [{"name": n, "spec": s} for n, s in models.items()],
+        "stages": ["behave", "latent"], "limit": args.limit, "device": "cpu",
+        "dtype": "float32", "output_dir": args.out, "progress": "plain",
+        "latent": {"layers": args.layers, "families": ["pgd"], "rel_tol": 0.5}})
+    t0 = time.time()
+    run_dir, _ = run_many(acfg, command_line())
+    audit_s = time.time() - t0
+    rows = {r.model: r for r in compare_runs([run_dir], against="source")}
+    basis, dlayers = refusal_basis(Path(models[f"K={ks[0]:g}"]))
+    layer = int(args.layers.split(",")[0])
+    ref = stream_stats(args.source, layer, basis)
+    out = {"source": args.source, "limit": args.limit, "layers": args.layers,
+           "direction_layers": dlayers, "audit_s": round(audit_s, 1), "build_s": build_s,
+           "models": {}}
+    print(f"{'model':8} {'S':>22} {'O':>22} {'LVS(M)':>22} {'gap vs source':>24} "
+          f"{'|h| ratio':>9} {'Q share':>8}")
+    for name, spec in models.items():
+        r = rows[name]
+        st = ref if name == "source" else stream_stats(spec, layer, basis)
+        ratio = st["mean_norm"] / ref["mean_norm"]
+        out["models"][name] = {"spec": spec, "S": estimate_json(r.S),
+                               "over_refusal": estimate_json(r.over_refusal),
+                               "lvs": estimate_json(r.lvs), "lvs_gap": estimate_json(r.lvs_gap),
+                               "stream": st, "norm_ratio": ratio}
+        f = lambda e: "—" if e is None else f"{e.value:+.2f} [{e.lo:+.2f}, {e.hi:+.2f}]"  # noqa: E731
+        print(f"{name:8} {f(r.S):>22} {f(r.over_refusal):>22} {f(r.lvs):>22} "
+              f"{f(r.lvs_gap):>24} {ratio:9.2f} {st.get('subspace_share', float('nan')):8.3f}")
+    print(f"audit {audit_s:.0f} s; builds {build_s}; layer {layer}; n = {args.limit}")
+    Path(run_dir, "rescale.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
