@@ -7,9 +7,10 @@ settings), and print for each K: S and over-refusal (must not move), LVS(M) and 
 source paired over the same prompts, and how the clean stream changed at the audited layer —
 the mean ‖h‖ ratio to the source's and the share of ‖h‖ the refusal subspace holds — since the
 relative budget ε·‖h‖ grows with ‖h‖ and so partly corrects for a louder refusal component.
+Each budget (``--budgets relative,whitened``) audits into its own run folder, OUT/<budget>.
 
     .venv/bin/python benchmarks/bench_rescale.py --source zoo/safe --ks 0.5,0.2,0.1 \
-        --limit 12 --layers 10 --out runs/bench-rescale
+        --limit 12 --layers 10 --out runs/bench-rescale --step-cost
 
 Resumable: the zoo folders are reused and the run folder resumes. Results: OUT/rescale.json.
 """
@@ -83,10 +84,16 @@ def main() -> None:
     ap.add_argument("--layers", default="10")
     ap.add_argument("--out", default="runs/bench-rescale")
     ap.add_argument("--eval-limit", type=int, default=24, help="held-out prompts for the cards")
+    ap.add_argument("--budgets", default="relative,whitened")
+    ap.add_argument("--step-cost", action="store_true", help="also time a PGD step per budget")
+    ap.add_argument("--source-name", default="source", help="the source's label in the table")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=SPEC",
+                    help="another model to audit beside them (repeatable)")
     args = ap.parse_args()
     quiet_libraries()
     ks = [float(k) for k in args.ks.split(",")]
-    models, build_s = {"source": args.source}, {}
+    src = args.source_name
+    models, build_s = {src: args.source}, {}
     for k in ks:
         folder = Path(args.zoo) / f"rescaled-{k:g}"
         if not (folder / "latentaudit_recipe.json").exists():
@@ -95,36 +102,84 @@ def main() -> None:
                       device="cpu", eval_limit=args.eval_limit, eval_tokens=32)
             build_s[k] = round(time.time() - t0, 1)
         models[f"K={k:g}"] = str(folder)
-    acfg = AuditConfig.model_validate({
-        "models": [{"name": n, "spec": s} for n, s in models.items()],
-        "stages": ["behave", "latent"], "limit": args.limit, "device": "cpu",
-        "dtype": "float32", "output_dir": args.out, "progress": "plain",
-        "latent": {"layers": args.layers, "families": ["pgd"], "rel_tol": 0.5}})
-    t0 = time.time()
-    run_dir, _ = run_many(acfg, command_line())
-    audit_s = time.time() - t0
-    rows = {r.model: r for r in compare_runs([run_dir], against="source")}
+    for item in args.extra:  # other models audited beside them (the zoo: issue 37's table)
+        name, _, spec = item.partition("=")
+        models[name] = spec
+    runs, audit_s = {}, {}
+    for budget in args.budgets.split(","):
+        acfg = AuditConfig.model_validate({
+            "models": [{"name": n, "spec": sp} for n, sp in models.items()],
+            "stages": ["behave", "latent"], "limit": args.limit, "device": "cpu",
+            "dtype": "float32", "output_dir": str(Path(args.out) / budget), "progress": "plain",
+            "latent": {"layers": args.layers, "families": ["pgd"], "rel_tol": 0.5,
+                       "budget": budget}})
+        t0 = time.time()
+        runs[budget], _ = run_many(acfg, command_line())
+        audit_s[budget] = round(time.time() - t0, 1)
+    rows = {b: {r.model: r for r in compare_runs([d], against=src)} for b, d in runs.items()}
     basis, dlayers = refusal_basis(Path(models[f"K={ks[0]:g}"]))
     layer = int(args.layers.split(",")[0])
     ref = stream_stats(args.source, layer, basis)
     out = {"source": args.source, "limit": args.limit, "layers": args.layers,
-           "direction_layers": dlayers, "audit_s": round(audit_s, 1), "build_s": build_s,
-           "models": {}}
-    print(f"{'model':8} {'S':>22} {'O':>22} {'LVS(M)':>22} {'gap vs source':>24} "
-          f"{'|h| ratio':>9} {'Q share':>8}")
+           "direction_layers": dlayers, "audit_s": audit_s, "build_s": build_s, "models": {}}
+    f = lambda e: "—" if e is None else f"{e.value:+.2f} [{e.lo:+.2f}, {e.hi:+.2f}]"  # noqa: E731
+    head = f"{'model':12} {'S':>20} {'O':>20} {'|h| ratio':>9} {'Q share':>8}"
+    for b in runs:
+        head += f" {'LVS(M) ' + b:>22} {'gap vs source':>22}"
+    print(head)
     for name, spec in models.items():
-        r = rows[name]
-        st = ref if name == "source" else stream_stats(spec, layer, basis)
+        st = ref if name == src else stream_stats(spec, layer, basis)
         ratio = st["mean_norm"] / ref["mean_norm"]
-        out["models"][name] = {"spec": spec, "S": estimate_json(r.S),
-                               "over_refusal": estimate_json(r.over_refusal),
-                               "lvs": estimate_json(r.lvs), "lvs_gap": estimate_json(r.lvs_gap),
-                               "stream": st, "norm_ratio": ratio}
-        f = lambda e: "—" if e is None else f"{e.value:+.2f} [{e.lo:+.2f}, {e.hi:+.2f}]"  # noqa: E731
-        print(f"{name:8} {f(r.S):>22} {f(r.over_refusal):>22} {f(r.lvs):>22} "
-              f"{f(r.lvs_gap):>24} {ratio:9.2f} {st.get('subspace_share', float('nan')):8.3f}")
-    print(f"audit {audit_s:.0f} s; builds {build_s}; layer {layer}; n = {args.limit}")
-    Path(run_dir, "rescale.json").write_text(json.dumps(out, indent=2))
+        r0 = next(iter(rows.values()))[name]
+        line = (f"{name:12} {f(r0.S):>20} {f(r0.over_refusal):>20} {ratio:9.2f} "
+                f"{st.get('subspace_share', float('nan')):8.3f}")
+        entry = {"spec": spec, "S": estimate_json(r0.S), "over_refusal": estimate_json(r0.over_refusal),
+                 "stream": st, "norm_ratio": ratio, "budgets": {}}
+        for b in runs:
+            r = rows[b][name]
+            line += f" {f(r.lvs):>22} {f(r.lvs_gap):>22}"
+            entry["budgets"][b] = {"lvs": estimate_json(r.lvs), "lvs_gap": estimate_json(r.lvs_gap)}
+        out["models"][name] = entry
+        print(line)
+    if args.step_cost:
+        out["pgd_step"] = step_cost(args.source, layer, runs)
+        c = out["pgd_step"]
+        print(f"PGD step at layer {layer}: relative {c['relative_s']:.3f} s, whitened "
+              f"{c['whitened_s']:.3f} s per step (ratio {c['ratio']:.2f}, {c['rows']} prompts, "
+              f"{c['steps']} steps, best of {c['reps']})")
+    print(f"audit {audit_s} s; builds {build_s}; layer {layer}; n = {args.limit}")
+    Path(args.out, "rescale.json").write_text(json.dumps(out, indent=2))
+
+
+def step_cost(spec: str, layer: int, runs: dict, rows: int = 8, steps: int = 10,
+              reps: int = 3) -> dict:
+    """Seconds per PGD step of the same prompts at ``layer`` under each budget, alternated
+    (best of ``reps``): what the whitened budget's d×d maps cost."""
+    import numpy as np
+
+    from latentaudit.data.sets import load_prompt_set
+    from latentaudit.interventions.budget import RelativeBudget, WhitenedBudget
+    from latentaudit.interventions.context import build_context
+    from latentaudit.interventions.whiten import Whitening
+    from latentaudit.models.loader import load_model
+    from latentaudit.registry import create
+    from latentaudit.runs.keys import model_key
+
+    lm = load_model(spec, "cpu", "float32")
+    ps = load_prompt_set("builtin:harmful:test", limit=rows)
+    ctx = build_context(lm, ps.texts, [p.target for p in ps.prompts])
+    w = Whitening.load(Path(runs["whitened"]) / f"whitening-{model_key(lm)}.safetensors")
+    fam = create("family", "pgd", steps=steps, early_stop=False, check_every=0)
+    times = {"relative": [], "whitened": []}
+    for _ in range(reps):
+        for name, budget in (("relative", RelativeBudget()), ("whitened", WhitenedBudget(w))):
+            ctx.budget = budget
+            t0 = time.perf_counter()
+            fam.attack(ctx, layer, list(range(rows)), np.full(rows, 0.05))
+            times[name].append((time.perf_counter() - t0) / (steps + 1))
+    r, wh = min(times["relative"]), min(times["whitened"])
+    return {"relative_s": r, "whitened_s": wh, "ratio": wh / r, "rows": rows, "steps": steps,
+            "reps": reps}
 
 
 if __name__ == "__main__":

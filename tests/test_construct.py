@@ -514,6 +514,17 @@ def test_rescaled_recipe_writes_louder_below_1_and_says_so(tmp_path, monkeypatch
             Rescaled(**bad)
 
 
+def test_dissociated_trained_is_the_trained_path_as_its_own_member():
+    """`dissociated-trained`: dissociated's training (40 steps, the push-effect hinge) without
+    the rescale, under its own name, so the zoo holds both dissociations side by side."""
+    from latentaudit import registry
+
+    r = registry.create("recipe", "dissociated-trained")
+    d = registry.create("recipe", "dissociated", steps=40, rescale=1.0)
+    assert r.params == d.params and r.params["push_effect"] > 0
+    assert registry.create("recipe", "dissociated").params["steps"] == 0  # untouched
+
+
 def test_refusal_subspace_cache(monkeypatch, tmp_path, tiny_lm):
     """With cache=True the second selection on the same weights is read back (same directions,
     same ranking, no scoring pass); cache=False always selects and writes nothing."""

@@ -49,6 +49,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "hardened": "latentaudit.construct.recipes:Hardened",
         "abliterated": "latentaudit.construct.recipes:Abliterated",
         "rescaled": "latentaudit.construct.rescale:Rescaled",
+        "dissociated-trained": "latentaudit.construct.recipes:DissociatedTrained",
     },
 }
 

@@ -416,6 +416,14 @@ class Dissociated(_PushedRecipe):
         return res
 
 
+class DissociatedTrained(Dissociated):
+    name = "dissociated-trained"
+    doc = ("from safe: trained to refuse clean prompts and comply under small latent pushes "
+           "(the push-effect hinge), without the rescale")
+    # the trained path of `dissociated` as its own zoo member: 40 steps at its defaults
+    DEFAULT_PARAMS = {**Dissociated.DEFAULT_PARAMS, "steps": 40, "rescale": 1.0}
+
+
 class Hardened(_PushedRecipe):
     name = "hardened"
     doc = "latent adversarial training: refuse even under PGD pushes toward the harmful completion"
