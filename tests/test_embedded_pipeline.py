@@ -154,16 +154,18 @@ def test_shipped_zoo_assembles_in_seconds_with_its_build_card(embedded_load, tmp
 def test_a_fresh_build_reproduces_the_shipped_safe(embedded_safe):
     """The shipped `safe` is a cache of our own build, never a substitute for the recipe: the
     recipe run again from scratch (the session's build, as the demo builds it) gives the shipped
-    adapter to float16's rounding and the shipped card's held-out figures exactly."""
+    adapter to within 2 % per tensor and the shipped card's held-out figures exactly. Bitwise
+    equality holds only at the build's thread count: 40 LoRA steps carry another summation
+    order's rounding (1 thread against the build's 2: at most 0.85 %, median 0.03 %)."""
     from latentaudit.construct.ship import ADAPTER_FILE, CARD_FILE, SHIPPED, load_adapter
 
     shipped, built = SHIPPED / "smollm2-135m" / "safe", embedded_safe[1]
     got, lora = load_adapter(built / ADAPTER_FILE)
     want, lora_shipped = load_adapter(shipped / ADAPTER_FILE)
     assert lora == lora_shipped and got.keys() == want.keys()
-    for k, w in want.items():  # float16 keeps 11 bits: a relative error of at most 2**-11
+    for k, w in want.items():
         err = float((got[k].float() - w.float()).abs().max())
-        assert err <= 2e-3 * float(w.float().abs().max()), (k, err)
+        assert err <= 2e-2 * float(w.float().abs().max()), (k, err)
     card, card_shipped = (json.loads((d / CARD_FILE).read_text()) for d in (built, shipped))
     assert card["recipe"] == card_shipped["recipe"] and card["seed"] == card_shipped["seed"]
     for k in ("S", "over_refusal_all", "max_new_tokens"):
