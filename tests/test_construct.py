@@ -500,7 +500,7 @@ def test_rescaled_recipe_writes_louder_below_1_and_says_so(tmp_path, monkeypatch
     """`construct rescaled --set rescale=K`: the transform alone, any K > 0 (K < 1: the
     refusal subspace written louder, what a developer gaming the audit could ship); the card
     says which way. Bad values: one line."""
-    from latentaudit.construct.rescale import Rescaled
+    from latentaudit.construct.rescaled import Rescaled
     from latentaudit.errors import UserError
 
     monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))

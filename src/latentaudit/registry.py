@@ -48,7 +48,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "dissociated": "latentaudit.construct.recipes:Dissociated",
         "hardened": "latentaudit.construct.recipes:Hardened",
         "abliterated": "latentaudit.construct.recipes:Abliterated",
-        "rescaled": "latentaudit.construct.rescale:Rescaled",
+        "rescaled": "latentaudit.construct.rescaled:Rescaled",
         "dissociated-trained": "latentaudit.construct.recipes:DissociatedTrained",
     },
 }

@@ -19,7 +19,6 @@ import torch
 from ..errors import UserError
 from ..models.arch import _get, residual_writers, writer_out_dim
 from .abliterate import orthonormal_basis, untie_head
-from .recipes import Recipe
 from .subspace import refusal_subspace
 
 # families whose blocks read the residual stream only through plain RMSNorms (y = γ ⊙ h/rms(h))
@@ -91,25 +90,3 @@ def rescale_refusal_subspace(lm, env, params: dict, cache: bool) -> dict:
     lm.set_model(lm.model)  # the head was untied: locate the parts again
     return {"k": k, "direction_layers": layers, "subspace_dim": dim,
             "selection": {a: b for a, b in d.meta.items() if a != "selection"}}
-
-
-class Rescaled(Recipe):
-    """The same function, another basis: the refusal subspace written ``rescale`` times smaller
-    and read ``rescale`` times louder. Above 1 that is `dissociated`'s default; below 1 the
-    subspace is written louder and read quieter — what a developer who wants a model to look
-    robust to bounded latent pushes could ship. Clean answers are the source's (up to the
-    norms' RMS); only a budget that depends on the basis can tell the two apart."""
-
-    name = "rescaled"
-    doc = ("from any model: its refusal subspace written K× smaller and read K× louder "
-           "(--set rescale=K; K < 1 writes it louder), the same answers: a reparametrisation")
-    DEFAULT_PARAMS = {"rescale": 0.1, "rescale_directions": 1, "rescale_n": 64,
-                      "rescale_selection_n": 16}
-
-    def validate(self, given=frozenset()):
-        super().validate(given)
-        if not float(self.params["rescale"]) > 0:
-            raise UserError(f"rescale must be > 0 (got {self.params['rescale']})")
-
-    def build(self, lm, env):
-        return {"rescale": rescale_refusal_subspace(lm, env, self.params, cache=True)}
