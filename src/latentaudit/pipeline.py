@@ -18,7 +18,7 @@ from .models.memory import free_memory
 from .progress import progress_factory, unit_line
 from .runs import keys
 from .runs.provenance import environment
-from .runs.run import Run, check_run_folder, open_run
+from .runs.run import Run, check_run_folder, open_run, run_folder
 from .runs.summary import ModelSummary, Summary
 from .stages.base import Stage, StageContext
 from .stages.behave import BehaveStage
@@ -187,11 +187,13 @@ def run_many(acfg, command: str, executor=None) -> tuple[Path, Summary]:
     ident = acfg.model_dump(exclude={"executor"})
     # one lock for the whole command: every model writes through this one open run
     check_run_folder(acfg.output_dir, ident, "audit")
+    folder = run_folder(acfg.output_dir, ident, "audit")
+    finished = ({} if executor is not None or folder is None else
+                _finished(folder / "summary.json", entries, cfgs, stages))
+    if len(finished) < len(entries):
+        load_judge(acfg)  # a judge that cannot load stops the run before any folder is made
     run = open_run(acfg.output_dir, ident, "audit", command=command)
     try:
-        finished = {} if executor is not None else _finished(run, entries, cfgs, stages)
-        if len(finished) < len(entries):
-            load_judge(acfg)  # a judge that cannot load stops the run before any model loads
         if executor is not None:
             return run.dir, executor.run(run, entries, cfgs, stages, _write_summary)
         summary, t0, todo = None, time.time(), len(entries) - len(finished)
@@ -214,12 +216,13 @@ def run_many(acfg, command: str, executor=None) -> tuple[Path, Summary]:
         run.close()
 
 
-def _finished(run: Run, entries, cfgs: list[RunConfig], stages: list[str]) -> dict[str, str]:
+def _finished(summary_path: Path, entries, cfgs: list[RunConfig], stages: list[str]
+              ) -> dict[str, str]:
     """The models this folder's summary already holds complete, by name → key: the key their
     files give now (read without loading the model) and every stage's result. A rerun of a
     finished audit then reloads and replays nothing."""
     try:
-        old = Summary.model_validate_json(run.summary_path.read_text())
+        old = Summary.model_validate_json(summary_path.read_text())
     except (OSError, ValueError):
         return {}
     out: dict[str, str] = {}

@@ -199,6 +199,12 @@ def _resolve(output_dir: str | None, config: dict[str, Any], model_spec: str,
     return _find_resumable(root, config_hash(config), mslug)
 
 
+def run_folder(output_dir: str | None, config: dict[str, Any], model_spec: str) -> Path | None:
+    """The folder a command would write into (``output_dir``, else the newest resumable one);
+    None when it would make a new one."""
+    return _resolve(output_dir, config, model_spec, RUNS_ROOT)
+
+
 def check_run_folder(output_dir: str | None, config: dict[str, Any], model_spec: str,
                      root: Path | None = None) -> None:
     """What :func:`open_run` would refuse, checked before a model loads: a folder another
