@@ -24,7 +24,8 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 
 # keys whose values are configuration echoes or bookkeeping, not results
 IGNORED = frozenset({"provenance", "run_dir", "output_dir", "command", "wall_time_s", "timings",
-                     "resumed_evaluations", "resumed", "config", "config_hash", "latentaudit",
+                     "resumed_evaluations", "resumed", "config", "config_hash", "settings",
+                     "latentaudit",
                      "source_info", "store_settings", "train_time_s",
                      "t"})  # "t": seconds since the start of training, in a card's history
 

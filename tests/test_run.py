@@ -267,3 +267,23 @@ def test_a_model_key_read_from_its_files_is_the_loaded_models(tmp_path):
     assert keys.spec_model_key(spec, "bfloat16", "cpu") != keys.spec_model_key(spec, "float32", "cpu")
     assert keys.spec_model_key(str(tmp_path / "nothing"), "float32", "cpu") is None
     assert keys.spec_model_key("owner/some-hub-model", "float32", "cpu") is None
+
+
+def test_a_model_finished_under_other_settings_is_audited_again(tmp_path, monkeypatch, capsys):
+    """The folder's summary holds a finished entry computed with --limit 2; the same audit with
+    --limit 3 into that folder is not skipped (the entry's settings differ), and an entry whose
+    stages came from two settings is never taken as finished."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    for limit, skipped in ((2, 0), (3, 0), (3, 1)):
+        cfg = _config(tmp_path, stages=["behave"], limit=limit,
+                      models=[{"name": "llama", "spec": "tiny:llama"}])
+        capsys.readouterr()
+        assert main(["run", "--config", str(cfg), "-o", str(out)]) == 0
+        assert capsys.readouterr().err.count("not reloaded") == skipped, limit
+    s = json.loads((out / "summary.json").read_text())
+    assert s["models"][0]["behave"]["S"]["n"] == 3
+    cfg = _config(tmp_path, stages=["latent"], limit=3, seed=8,
+                  models=[{"name": "llama", "spec": "tiny:llama"}])
+    assert main(["run", "--config", str(cfg), "-o", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["models"][0]["settings"] is None

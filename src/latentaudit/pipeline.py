@@ -58,6 +58,8 @@ def _merge_previous(run: Run, models: list[ModelSummary]) -> list[ModelSummary]:
             for stage in ("behave", "latent", "tamper", "tamper_control", "tamper_search"):
                 if getattr(m, stage) is None and getattr(p, stage) is not None:
                     setattr(m, stage, getattr(p, stage))
+                    if p.settings != m.settings:  # stages of two settings in one entry
+                        m.settings = None
             if m.name is None:
                 m.name = p.name
     # a name this command audits under another key (the weights at its path changed, e.g. a
@@ -147,7 +149,8 @@ def run_audit(cfg: RunConfig, stages: list[str], command: str, run: Run | None =
         run = open_run(cfg.output_dir, cfg.model_dump(), cfg.model, command=command)
     try:
         key = keys.model_key(lm)
-        ms = ModelSummary(key=key, name=name, model={**lm.info, "n_layers": lm.n_layers})
+        ms = ModelSummary(key=key, name=name, settings=settings_of(cfg),
+                          model={**lm.info, "n_layers": lm.n_layers})
 
         def record(field: str, result) -> None:
             setattr(ms, field, result)
@@ -216,11 +219,16 @@ def run_many(acfg, command: str, executor=None) -> tuple[Path, Summary]:
         run.close()
 
 
+def settings_of(cfg: RunConfig) -> str:
+    """The hash of the settings a model's results depend on (not where or how they show)."""
+    return keys.settings_hash(cfg.model_dump(mode="json", exclude={"output_dir", "progress"}))
+
+
 def _finished(summary_path: Path, entries, cfgs: list[RunConfig], stages: list[str]
               ) -> dict[str, str]:
     """The models this folder's summary already holds complete, by name → key: the key their
-    files give now (read without loading the model) and every stage's result. A rerun of a
-    finished audit then reloads and replays nothing."""
+    files give now (read without loading the model), every stage's result, all computed under
+    this command's settings. A rerun of a finished audit then reloads and replays nothing."""
     try:
         old = Summary.model_validate_json(summary_path.read_text())
     except (OSError, ValueError):
@@ -231,7 +239,8 @@ def _finished(summary_path: Path, entries, cfgs: list[RunConfig], stages: list[s
         if any(f is None for f in fields):
             continue
         key = keys.spec_model_key(c.model, c.dtype, c.device)
-        entry = next((m for m in old.models if m.key == key and m.name == e.name), None)
+        entry = next((m for m in old.models if m.key == key and m.name == e.name
+                      and m.settings == settings_of(c)), None)
         if entry is not None and all(getattr(entry, f) is not None for fs in fields for f in fs):
             out[e.name] = key
     return out

@@ -21,6 +21,10 @@ class _Strict(BaseModel):
 class ModelSummary(_Strict):
     key: str
     name: str | None = Field(None, description="the label the audit config gave this model")
+    settings: str | None = Field(
+        None, description="hash of the run settings every stage result of this entry was "
+        "computed under (null: stages written under different settings); a rerun skips a "
+        "finished model only when it matches")
     model: dict[str, Any]
     behave: "BehaveSummary | None" = None
     latent: "LatentSummary | None" = None
