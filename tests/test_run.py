@@ -287,3 +287,20 @@ def test_a_model_finished_under_other_settings_is_audited_again(tmp_path, monkey
                   models=[{"name": "llama", "spec": "tiny:llama"}])
     assert main(["run", "--config", str(cfg), "-o", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["models"][0]["settings"] is None
+
+
+def test_a_summary_without_settings_is_replayed_once_then_skipped(tmp_path, monkeypatch, capsys):
+    """A folder written before entries recorded their settings (or with mixed ones): the next
+    run replays it from the store and records them, the one after skips it."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(tmp_path, stages=["behave", "latent"])
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "-o", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    for m in s["models"]:
+        m["settings"] = None
+    (out / "summary.json").write_text(json.dumps(s))
+    for skipped in (0, 2):
+        capsys.readouterr()
+        assert main(["run", "--config", str(cfg), "-o", str(out)]) == 0
+        assert capsys.readouterr().err.count("not reloaded") == skipped

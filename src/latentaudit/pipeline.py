@@ -51,6 +51,7 @@ def _merge_previous(run: Run, models: list[ModelSummary]) -> list[ModelSummary]:
         old = Summary.model_validate_json(run.summary_path.read_text())
     except (OSError, ValueError):
         return models
+    models = [m.model_copy() for m in models]  # the caller's entries fill up as stages end
     new = {m.key: m for m in models}
     for m in models:
         p = next((o for o in old.models if o.key == m.key), None)
