@@ -43,6 +43,26 @@ def test_the_whitened_ball_maps_onto_itself_under_an_invertible_map():
     assert torch.allclose(back.norm(dim=-1), u.norm(dim=-1), rtol=1e-3)
 
 
+def test_noise_and_steer_pushes_lie_on_the_whitened_balls_surface():
+    """surface(): ‖Σ^-1/2 δ_t‖ = ε√d at every allowed position, 0 elsewhere; direction(r̂)
+    gives a push along r̂ (steer), under the relative budget r̂ itself."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2000, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    b = WhitenedBudget(Whitening(*[{0: t} for t in ledoit_wolf(x)[:2]]))
+    h = torch.randn(5, 6, generator=g)
+    mask = torch.tensor([True, True, False, True, True])
+    u = torch.randn(5, 6, generator=g)
+    u = u / u.norm(dim=-1, keepdim=True)
+    delta = b.surface(h, 0.3, u, 0, mask)
+    norms = b.from_delta(delta, 0).norm(dim=-1)
+    assert torch.allclose(norms[mask], torch.full((4,), 0.3 * 6 ** 0.5), rtol=1e-4)
+    assert norms[2] == 0
+    r = torch.nn.functional.normalize(torch.randn(6, generator=g), dim=0)
+    push = b.surface(h[:1], 0.3, b.direction(r[None], 0), 0)[0]
+    assert torch.allclose(push / push.norm(), r, atol=1e-5)
+    assert torch.equal(RelativeBudget().direction(r[None], 0)[0], r)
+
+
 def _judge_and_guard():
     from latentaudit.judges.base import Judge, Verdict
     from latentaudit.judges.coherence import CoherenceGuard

@@ -10,11 +10,14 @@ import torch
 
 def radius(h_clean: torch.Tensor, eps: torch.Tensor | float, mask: torch.Tensor) -> torch.Tensor:
     """Per-position radius ε_b·‖h_{b,t}‖, zero outside ``mask``. Shapes: h [b, t, d] → [b, t, 1]."""
-    eps_t = torch.as_tensor(eps, dtype=torch.float32, device=h_clean.device)
-    if eps_t.dim() == 0:
-        eps_t = eps_t.expand(h_clean.shape[0])
-    r = h_clean.detach().float().norm(dim=-1) * eps_t[:, None]  # [b, t]
+    r = h_clean.detach().float().norm(dim=-1) * _per_row(eps, h_clean)[:, None]  # [b, t]
     return (r * mask.float()).unsqueeze(-1)
+
+
+def _per_row(eps: torch.Tensor | float, h: torch.Tensor) -> torch.Tensor:
+    """ε as one float32 value per row of h [b, ...]."""
+    eps_t = torch.as_tensor(eps, dtype=torch.float32, device=h.device)
+    return eps_t.expand(h.shape[0]) if eps_t.dim() == 0 else eps_t
 
 
 def project(delta: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
@@ -47,6 +50,17 @@ class RelativeBudget:
     def from_delta(self, v: torch.Tensor, layer: int) -> torch.Tensor:
         return v
 
+    def surface(self, h: torch.Tensor, eps: float, u: torch.Tensor, layer: int,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """δ on the surface of every position's ball, along the u-coordinate unit vectors u
+        (same shape as h), zero where ``mask`` is False: what noise and steer push with."""
+        delta = eps * h.float().norm(dim=-1, keepdim=True) * u
+        return delta if mask is None else delta * mask[..., None]
+
+    def direction(self, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """The u-coordinate unit vectors whose pushes point along δ-space directions v."""
+        return v
+
     def describe(self) -> dict:
         return {"name": self.name}
 
@@ -62,10 +76,15 @@ class WhitenedBudget(RelativeBudget):
         self.whitening = whitening
 
     def scale(self, h, eps, mask):
-        eps_t = torch.as_tensor(eps, dtype=torch.float32, device=h.device)
-        if eps_t.dim() == 0:
-            eps_t = eps_t.expand(h.shape[0])
-        return (eps_t[:, None] * mask.float()).unsqueeze(-1)
+        return (_per_row(eps, h)[:, None] * mask.float()).unsqueeze(-1)
+
+    def surface(self, h, eps, u, layer, mask=None):
+        delta = self.to_delta(eps * h.shape[-1] ** 0.5 * u, layer)
+        return delta if mask is None else delta * mask[..., None]
+
+    def direction(self, v, layer):
+        w = self.from_delta(v, layer)
+        return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-30)
 
     def to_delta(self, v, layer):  # v Σ^{1/2} (symmetric): Σ^{1/2} v per position
         s = self.whitening.roots(layer)[0].to(v.device, torch.float32)

@@ -108,28 +108,19 @@ class Noise(Family):
         draws: int = Field(4, ge=1, description="random draws per budget")
 
     def candidates(self, ctx, layer, rows, eps, seed=0, directions=None, check=None):
-        out = []
+        out, bud = [], ctx.budget
         for r, e in zip(rows, eps):
             h, m = _clean(ctx, r, layer)
             cands = []
-            bud = ctx.budget
             for k in range(int(self.params["draws"])):
                 g = torch.Generator().manual_seed(_row_seed(seed, ctx.texts[r], layer, k))
-                u = sphere(tuple(h.shape), g)
-                if bud.name == "relative":
-                    delta = float(e) * h.norm(dim=-1, keepdim=True) * u * m[:, None]
-                else:  # a uniform direction of the budget's own ball, on its surface
-                    sc = bud.scale(h[None], float(e), m[None])[0]
-                    delta = bud.to_delta(u * sc * h.shape[-1] ** 0.5, layer)
+                delta = bud.surface(h, float(e), sphere(tuple(h.shape), g), layer, m)
                 step = None
                 if ctx.positions == "all":
                     gs = torch.Generator().manual_seed(_row_seed(seed, ctx.texts[r], layer, k, "gen"))
 
                     def step(hh, e=float(e), gs=gs, bud=bud):
-                        uu = sphere(tuple(hh.shape), gs).to(hh.device)
-                        if bud.name == "relative":
-                            return e * hh.float().norm(dim=-1, keepdim=True) * uu
-                        return bud.to_delta(e * hh.shape[-1] ** 0.5 * uu, layer)
+                        return bud.surface(hh, e, sphere(tuple(hh.shape), gs).to(hh.device), layer)
                 cands.append(Candidate(delta, step))
             out.append(cands)
         return out
@@ -143,25 +134,17 @@ class Steer(Family):
     def candidates(self, ctx, layer, rows, eps, seed=0, directions=None, check=None):
         if directions is None:
             raise UserError("family 'steer' needs refusal directions (run the directions stage)")
-        r_hat = directions.unit(layer).float()
         bud = ctx.budget
-        if bud.name != "relative":  # −r̂ scaled onto the budget's ball: ‖Σ^{-1/2}δ‖ = ε√d
-            w = bud.from_delta(r_hat[None], layer)[0]
-            push = bud.to_delta((w / w.norm().clamp_min(1e-30))[None], layer)[0]
-            push = push * r_hat.shape[-1] ** 0.5
+        # the u-direction whose push points along r̂ (r̂ itself under the relative budget)
+        u = bud.direction(directions.unit(layer).float()[None], layer)[0]
         out = []
         for r, e in zip(rows, eps):
             h, m = _clean(ctx, r, layer)
-            if bud.name == "relative":
-                delta = -float(e) * h.norm(dim=-1, keepdim=True) * r_hat * m[:, None]
-            else:
-                delta = -float(e) * push.expand_as(h) * m[:, None]
+            delta = -bud.surface(h, float(e), u.expand_as(h), layer, m)
             step = None
             if ctx.positions == "all":
                 def step(hh, e=float(e)):
-                    if bud.name == "relative":
-                        return -e * hh.float().norm(dim=-1, keepdim=True) * r_hat.to(hh.device)
-                    return -e * push.to(hh.device).expand(hh.shape)
+                    return -bud.surface(hh, e, u.to(hh.device).expand(hh.shape), layer)
             out.append([Candidate(delta, step)])
         return out
 
