@@ -127,7 +127,7 @@ def _recipe_param(cls, item: str):
 
 @app.command()
 def construct(
-    recipe: Annotated[str, typer.Argument(help="safe, dissociated, hardened, abliterated or rescaled (latentaudit ls recipes)")],
+    recipe: Annotated[str, typer.Argument(help="safe, dissociated, dissociated-trained, hardened, abliterated or rescaled (latentaudit ls recipes)")],
     source: Annotated[str, typer.Option("--from", help="model to start from (any model spec)")] = DEFAULT_MODEL,
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (an HF checkpoint) [default: zoo/RECIPE]")] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing output folder")] = False,

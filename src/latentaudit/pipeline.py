@@ -200,7 +200,7 @@ def run_many(acfg, command: str, executor=None) -> tuple[Path, Summary]:
     try:
         if executor is not None:
             return run.dir, executor.run(run, entries, cfgs, stages, _write_summary)
-        summary, t0, todo = None, time.time(), len(entries) - len(finished)
+        summary, t0, todo, done = None, time.time(), len(entries) - len(finished), 0
         for e, c in zip(entries, cfgs):
             if e.name in finished:
                 print(f"== {e.name}: finished in this folder ({finished[e.name]}), not reloaded",
@@ -210,7 +210,7 @@ def run_many(acfg, command: str, executor=None) -> tuple[Path, Summary]:
             print(f"== {e.name}: {e.spec} ({', '.join(stages)})", file=sys.stderr, flush=True)
             _, summary = run_audit(c, stages, command, run=run, name=e.name)
             free_memory()  # the model just audited is dropped: its accelerator memory too
-            done = sum(1 for x in entries[:entries.index(e) + 1] if x.name not in finished)
+            done += 1
             print(unit_line("audit", e.name, done, todo, time.time() - t1, time.time() - t0),
                   file=sys.stderr, flush=True)
         if summary is None:  # every model had finished: the summary stands as it is

@@ -87,11 +87,11 @@ def ledoit_wolf(x: torch.Tensor, shrinkage: float | None = None
     xc = x - mu
     s = xc.T @ xc / n
     m = torch.trace(s) / d
-    d2 = ((s - m * torch.eye(d, dtype=s.dtype)) ** 2).sum()
-    b2 = ((xc.pow(2).sum(1) ** 2).sum() - n * (s ** 2).sum()) / n ** 2
     if shrinkage is not None:
         lam = float(shrinkage)
     else:
+        d2 = ((s - m * torch.eye(d, dtype=s.dtype)) ** 2).sum()
+        b2 = ((xc.pow(2).sum(1) ** 2).sum() - n * (s ** 2).sum()) / n ** 2
         lam = float((torch.minimum(b2, d2) / d2).clamp(0, 1)) if d2 > 0 else 1.0
     cov = (1 - lam) * s + lam * m * torch.eye(d, dtype=s.dtype)
     return mu.float(), cov.float(), lam
