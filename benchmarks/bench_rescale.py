@@ -58,18 +58,17 @@ def refusal_basis(folder: Path) -> tuple[torch.Tensor, list[int]]:
     """The refusal subspace a `rescaled` build rescaled: its layers' directions of the source
     (from the user cache where construct left them)."""
     from latentaudit.construct.abliterate import orthonormal_basis
+    from latentaudit.construct.recipes import BuildEnv
     from latentaudit.construct.subspace import refusal_subspace
     from latentaudit.models.loader import load_model
+    from latentaudit.registry import create
 
     meta = json.loads((folder / "latentaudit_recipe.json").read_text())
     r, p = meta["details"]["rescale"], meta["recipe"]["params"]
-
-    class Env:  # what refusal_subspace reads of a build environment
-        batch_size = 32
-        seed = meta.get("seed", 0)
-
+    env = BuildEnv(meta.get("seed", 0), meta["data_model"], 32, create("judge", "substring"),
+                   device="cpu")  # construct's batch size: the cached directions' key
     src = load_model(meta["from"], "cpu", "float32")
-    d, layers = refusal_subspace(src, Env(), int(p["rescale_n"]), int(p["rescale_selection_n"]),
+    d, layers = refusal_subspace(src, env, int(p["rescale_n"]), int(p["rescale_selection_n"]),
                                  int(p["rescale_directions"]), cache=True)
     assert layers == r["direction_layers"], (layers, r["direction_layers"])
     return orthonormal_basis([d.unit(l) for l in layers]), layers
