@@ -189,7 +189,8 @@ def test_middle_padded_rows_give_the_unpadded_logits(tiny_lm):
     batch = gen_mod._middle_padded(rows, n, tok.pad_token_id, "cpu")
     mask = batch["attention_mask"]
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"][:, n:], attention_mask=mask, cache=cache,
+        out = model(input_ids=batch["input_ids"][:, n:], attention_mask=mask,
+                    **gen_mod.cache_kwargs(model, cache),
                     position_ids=((mask.cumsum(-1) - 1).clamp(min=0))[:, n:]).logits[:, -1]
         for j, r in enumerate(rows):
             alone = model(input_ids=torch.tensor([r])).logits[0, -1]
@@ -240,3 +241,28 @@ def test_dir_fingerprint_sees_every_byte(tmp_path, monkeypatch):
     os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert dir_fingerprint(tmp_path / "a") != dir_fingerprint(tmp_path / "b")
     assert dir_fingerprint(tmp_path / "b") == dir_fingerprint(tmp_path / "b")  # memo hit
+
+
+def test_the_cache_keyword_follows_the_models_forward(tiny_lm):
+    """transformers 5 renamed ``past_key_values`` to ``cache`` within the supported range; an
+    unknown keyword is swallowed by ``**kwargs`` (the rows would silently not see the prefix),
+    so the name is read from the model's forward — through a peft wrapper too."""
+    from latentaudit.models.generate import cache_kwargs
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class New:
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Wrapped:
+        def get_base_model(self):
+            return Old()
+
+    assert cache_kwargs(Old(), 1) == {"past_key_values": 1}
+    assert cache_kwargs(New(), 1) == {"cache": 1}
+    assert cache_kwargs(Wrapped(), 1) == {"past_key_values": 1}
+    import inspect
+
+    (name,) = cache_kwargs(tiny_lm.model, None)
+    assert name in inspect.signature(type(tiny_lm.model).forward).parameters

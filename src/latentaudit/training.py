@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .models.chat import format_prompt, has_chat_template
-from .models.generate import forward_cache, greedy_config
+from .models.generate import cache_kwargs, forward_cache, greedy_config
 
 
 def stop_ids(tok) -> set[int]:
@@ -110,7 +110,8 @@ def _forward_logits(model, batch: dict[str, torch.Tensor], keep: int, shared: in
         if cache is not None:
             cache.batch_repeat_interleave(ids.shape[0])
             kwargs = dict(input_ids=ids[:, shared:], attention_mask=mask,
-                          position_ids=pos[:, shared:], cache=cache, use_cache=True)
+                          position_ids=pos[:, shared:], use_cache=True,
+                          **cache_kwargs(model, cache))
     width = kwargs["input_ids"].shape[1]
     logits = None
     if keep < width:

@@ -10,6 +10,8 @@ over real tokens) are those of the unpadded prompt. Without a shared prefix, row
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -96,7 +98,7 @@ def greedy_generate(
             batch = _middle_padded([rows[i] for i in idx], n_shared, tok.pad_token_id, lm.device)
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(idx))
-            kwargs = {"cache": cache}
+            kwargs = cache_kwargs(model, cache)
         seqs = model.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -112,6 +114,19 @@ def greedy_generate(
 
     run_batches(length_sorted_batches(lengths, size), one, "generation", model)
     return out  # type: ignore[return-value]
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for ``model``'s forward and ``generate``: transformers 5 renamed
+    ``past_key_values`` to ``cache`` within the range latentaudit supports, and an unknown
+    keyword would be swallowed by ``**kwargs`` — the rows would silently not see the prefix."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return {_cache_name(type(base)): cache}
+
+
+@functools.cache
+def _cache_name(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def forward_cache(model, **inputs):
