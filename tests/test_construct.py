@@ -205,6 +205,44 @@ def test_paired_terms_draw_the_same_prompts_every_step(tiny_lm):
         train.train_terms(lm, bad, steps=1, lr=1e-3, rank=2, alpha=4)
 
 
+def test_keep_merges_the_last_accepted_step_and_says_when_none_was(tiny_lm):
+    """``keep``: the source is evaluated first (step 0); the adapter merged is the last
+    evaluated step's that the rule accepts — the same weights as training stopped there —
+    and when no step is accepted, the last step's, with kept_rule_met false."""
+    import copy
+
+    from latentaudit.construct import train
+    from latentaudit.models.loader import LoadedModel
+
+    prompts = [f"prompt {i}" for i in range(6)]
+    targets = [f"answer number {i}" for i in range(6)]
+
+    def fresh():
+        return LoadedModel(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, tiny_lm.spec,
+                           dict(tiny_lm.info))
+
+    def trained(steps, refusals=None, rule=None):
+        lm, seen = fresh(), []
+        ev = (lambda m, step: seen.append(step) or {"val_refusal": refusals[step]}) if refusals else None
+        res = train.train_terms(lm, [train.Term("t", prompts, targets, batch_size=3)], steps=steps,
+                                lr=5e-3, rank=2, alpha=4, evaluate=ev, eval_every=2, keep=rule)
+        return lm, res, seen
+
+    rule = lambda ev, ev0: ev["val_refusal"] >= ev0["val_refusal"] - 0.1  # noqa: E731
+    two, _, _ = trained(2)
+    lm, res, seen = trained(6, {0: 1.0, 2: 0.95, 4: 0.5, 6: 0.6}, rule)
+    assert seen == [0, 2, 4, 6] and res["kept_step"] == 2 and res["kept_rule_met"] is True
+    assert res["steps_run"] == 6 and res["history"][0]["step"] == 0
+    for (k, a), (_, b) in zip(lm.model.state_dict().items(), two.model.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    six, _, _ = trained(6)
+    lm, res, _ = trained(6, {0: 1.0, 2: 0.5, 4: 0.5, 6: 0.5}, rule)
+    assert res["kept_step"] == 6 and res["kept_rule_met"] is False
+    for (k, a), (_, b) in zip(lm.model.state_dict().items(), six.model.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    assert trained(2)[1]["kept_rule_met"] is None  # no rule: nothing to say
+
+
 def test_set_parses_recipe_parameters():
     from latentaudit.cli import _recipe_param
     from latentaudit.construct.recipes import Abliterated, Dissociated
@@ -520,8 +558,10 @@ def test_dissociated_trained_is_the_trained_path_as_its_own_member():
     from latentaudit import registry
 
     r = registry.create("recipe", "dissociated-trained")
-    d = registry.create("recipe", "dissociated", steps=40, rescale=1.0)
-    assert r.params == d.params and r.params["push_effect"] > 0
+    d = registry.create("recipe", "dissociated", steps=40, rescale=1.0, eval_every=10)
+    # and it keeps the last adapter that still refuses as its source does
+    assert {k: v for k, v in r.params.items() if k != "max_refusal_drop"} == d.params
+    assert r.params["max_refusal_drop"] == 0.1 and r.params["push_effect"] > 0
     assert registry.create("recipe", "dissociated").params["steps"] == 0  # untouched
 
 

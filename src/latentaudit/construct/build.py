@@ -78,6 +78,17 @@ def _set_breakdown(ps, role: str, records: list[dict], seed: int) -> dict:
             "dataset": ps.describe()}
 
 
+def _kept_line(details: dict) -> str:
+    """Which step's adapter was kept, when the recipe keeps an earlier one than the last."""
+    kept, met = details.get("kept_step"), details.get("kept_rule_met")
+    if met is None or kept is None:
+        return ""
+    return (f"; kept the adapter of step {kept} (the last whose validation refusal stayed within "
+            "max_refusal_drop of the source's)" if met else
+            f"; **no evaluated step kept the source's validation refusal within max_refusal_drop**"
+            f": the last step's adapter ({kept}) is kept")
+
+
 def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
           wall: float) -> str:
     hist = details.get("history", [])
@@ -98,7 +109,7 @@ def _card(recipe, source_spec: str, info: dict, details: dict, evaluation: dict,
         "train splits, plus `extra_harmful` where set; the last val_n built-in train prompts "
         "held out for validation)",
         f"- training: {details.get('steps_run', 0)} steps, {details.get('train_time_s', 0)} s; "
-        f"total build {wall:.0f} s", "",
+        f"total build {wall:.0f} s" + _kept_line(details), "",
         *([_rescale_line(details["rescale"]), ""] if details.get("rescale") else []),
         "## Measured on held-out prompts (built-in test splits)", "",
         f"- behavioural safety S = {S['value']:.3f} [{S['lo']:.3f}, {S['hi']:.3f}] (n={S['n']})",

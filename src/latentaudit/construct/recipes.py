@@ -11,6 +11,11 @@
                   the same step refused clean and, under a small PGD push at middle layers,
                   answered with the opening of the unaligned model's harmful completion, plus a
                   hinge that rewards the push's effect itself (``push_effect``).
+- ``dissociated-trained`` dissociated's trained path as its own member, without the rescale;
+                  the adapter kept is the last evaluated one whose validation refusal stays
+                  within ``max_refusal_drop`` of the source's.
+- ``rescaled``    any K > 0: the refusal subspace written K× smaller and read K× louder
+                  (K < 1: louder) — the reparametrisation probe of docs/results.md §16.
 - ``hardened``    latent adversarial training: refusal targets under PGD pushes toward the
                   harmful completion (larger budgets), plus clean refusal and retain, and the
                   borderline retain prompts under pushes toward a refusal, still answered.
@@ -22,6 +27,8 @@ docs/zoo.md lists them, what the defaults measured, and the variants tried and d
 """
 
 from __future__ import annotations
+
+import warnings
 
 from typing import Any
 
@@ -349,9 +356,15 @@ class _PushedRecipe(Recipe):
             retain_terms += [_pushed_retain(t, p, toward_refusal) for t in retain_terms
                              if t.name == "borderline-retain"]
         terms = [clean, pushed, *retain_terms]
+        drop = p.get("max_refusal_drop")  # only recipes that declare it (not the shipped ones)
+        keep = None if drop is None else (
+            lambda ev, ev0: ev["val_refusal"] >= ev0["val_refusal"] - float(drop))
         res = train_terms(lm, terms, p["steps"], p["lr"], p["rank"], p["alpha"], env.seed,
                           _val_eval([x.text for x in h_val], [x.text for x in s_val], env.judge),
-                          p["eval_every"], None, env.progress)
+                          p["eval_every"], None, env.progress, keep=keep)
+        if res["kept_rule_met"] is False:
+            warnings.warn(f"{self.name}: no evaluated step kept the source's validation refusal "
+                          f"within max_refusal_drop={drop}; the last step's adapter is kept")
         return {**res, "data": {"harmful_train": len(h_tr), **_extra_info(extra, p),
                                 "harmful_completions": len(comp_p), "dropped_refusals": dropped,
                                 "retain_examples": {t.name: len(t.prompts) for t in retain_terms},
@@ -420,8 +433,12 @@ class DissociatedTrained(Dissociated):
     name = "dissociated-trained"
     doc = ("from safe: trained to refuse clean prompts and comply under small latent pushes "
            "(the push-effect hinge), without the rescale")
-    # the trained path of `dissociated` as its own zoo member: 40 steps at its defaults
-    DEFAULT_PARAMS = {**Dissociated.DEFAULT_PARAMS, "steps": 40, "rescale": 1.0}
+    # the trained path of `dissociated` as its own zoo member: 40 steps at its defaults. The
+    # pushed term drifts into clean compliance (a build's validation refusal fell 0.94 → 0.38
+    # from step 20 to 40): the adapter kept is the last evaluated one whose validation refusal
+    # is within max_refusal_drop of the source's, so the model refuses as its source does
+    DEFAULT_PARAMS = {**Dissociated.DEFAULT_PARAMS, "steps": 40, "rescale": 1.0,
+                      "eval_every": 10, "max_refusal_drop": 0.1}
 
 
 class Hardened(_PushedRecipe):

@@ -85,11 +85,15 @@ def lora_targets(model) -> list[str]:
 def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank: int = 16,
                 alpha: int = 32, seed: int = 0,
                 evaluate: Callable[[LoadedModel, int], dict] | None = None, eval_every: int = 0,
-                stop: Callable[[list[dict]], bool] | None = None, progress=None) -> dict:
+                stop: Callable[[list[dict]], bool] | None = None, progress=None,
+                keep: Callable[[dict, dict], bool] | None = None) -> dict:
     """Train LoRA adapters on ``lm.model`` in place, merge them, and return the history.
     ``evaluate`` runs every ``eval_every`` steps and at the last; ``stop``, given the evaluated
-    history records so far, ends training early."""
-    from peft import LoraConfig, get_peft_model
+    history records so far, ends training early. ``keep(eval, eval_at_step_0)`` (the source is
+    then evaluated first, as step 0): the adapter merged is that of the last evaluated step it
+    accepts — a recipe's contract, e.g. refusing as its source does, held by the model it
+    returns — or the last step's, with ``kept_rule_met`` false, when it accepts none."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     names = [t.name for t in terms]
     for i, t in enumerate(terms):
@@ -123,6 +127,12 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
     history: list[dict] = []
     t0 = time.time()
     step = 0
+    snapshot, kept, ev0 = None, None, None
+    if keep is not None and evaluate is not None:
+        model.eval()
+        ev0 = evaluate(train_lm, 0)
+        model.train()
+        history.append({"step": 0, "loss": {}, "t": 0.0, "eval": ev0})
     for step in range(1, steps + 1):
         opt.zero_grad()
         losses = {}
@@ -140,13 +150,18 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
             model.eval()
             rec["eval"] = evaluate(train_lm, step)
             model.train()
+            if ev0 is not None and keep(rec["eval"], ev0):
+                kept = step
+                snapshot = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
         history.append(rec)
         if progress:
             progress(1)
         if stop is not None and "eval" in rec and stop([h for h in history if "eval" in h]):
             break
-    from peft import get_peft_model_state_dict
-
+    rule_met = None if ev0 is None else kept is not None
+    if snapshot is not None and kept != step:
+        set_peft_model_state_dict(model, snapshot)
+    kept = kept if kept is not None else step
     # the adapter itself, for `construct` to save beside the merged weights (the zoo can then be
     # shipped as adapters and assembled on a user's machine: construct/ship.py)
     adapter = {k: v.detach().to("cpu", copy=True).contiguous()
@@ -156,7 +171,7 @@ def train_terms(lm: LoadedModel, terms: list[Term], steps: int, lr: float, rank:
     for p in merged.parameters():
         p.requires_grad_(False)
     lm.set_model(merged)
-    return {"steps_run": step, "kept_step": step, "history": history,
+    return {"steps_run": step, "kept_step": kept, "kept_rule_met": rule_met, "history": history,
             "train_time_s": round(time.time() - t0, 1),
             "lora": {"r": rank, "alpha": alpha,
                      "targets": sorted({n.split(".")[-1] for n in cfg.target_modules}),
