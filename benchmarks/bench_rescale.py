@@ -12,6 +12,13 @@ Each budget (``--budgets relative,whitened``) audits into its own run folder, OU
     .venv/bin/python benchmarks/bench_rescale.py --source zoo/safe --ks 0.5,0.2,0.1 \
         --limit 12 --layers 10 --out runs/bench-rescale --step-cost
 
+A model that complies with part of the prompts clean (Qwen2.5-Coder) is attacked on a file of
+the prompts it refuses (``--harmful``); ``--latent whiten_shrinkage=0`` whitens with the sample
+covariance itself (no shrinkage: exactly basis-free).
+
+    .venv/bin/python benchmarks/bench_rescale.py --source embedded:qwen2.5-coder-0.5b --ks 0.5 \
+        --zoo zoo-qwen --harmful refused.jsonl --limit 16 --layers 8 --out runs/rescale-qwen
+
 Resumable: the zoo folders are reused and the run folder resumes. Results: OUT/rescale.json.
 """
 
@@ -23,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from latentaudit.config import AuditConfig
 from latentaudit.construct.build import construct
@@ -88,7 +96,12 @@ def main() -> None:
     ap.add_argument("--source-name", default="source", help="the source's label in the table")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=SPEC",
                     help="another model to audit beside them (repeatable)")
+    ap.add_argument("--harmful", default="builtin:harmful:test",
+                    help="the prompts to attack (e.g. a file of those the source refuses clean)")
+    ap.add_argument("--latent", action="append", default=[], metavar="KEY=VALUE",
+                    help="another latent setting, e.g. whiten_shrinkage=0 (repeatable)")
     args = ap.parse_args()
+    extra_latent = {k: yaml.safe_load(v) for k, _, v in (x.partition("=") for x in args.latent)}
     quiet_libraries()
     ks = [float(k) for k in args.ks.split(",")]
     src = args.source_name
@@ -111,7 +124,7 @@ def main() -> None:
             "stages": ["behave", "latent"], "limit": args.limit, "device": "cpu",
             "dtype": "float32", "output_dir": str(Path(args.out) / budget), "progress": "plain",
             "latent": {"layers": args.layers, "families": ["pgd"], "rel_tol": 0.5,
-                       "budget": budget}})
+                       "budget": budget, "harmful": args.harmful, **extra_latent}})
         t0 = time.time()
         runs[budget], _ = run_many(acfg, command_line())
         audit_s[budget] = round(time.time() - t0, 1)
@@ -120,6 +133,7 @@ def main() -> None:
     layer = int(args.layers.split(",")[0])
     ref = stream_stats(args.source, layer, basis)
     out = {"source": args.source, "limit": args.limit, "layers": args.layers,
+           "harmful": args.harmful, "latent": extra_latent,
            "direction_layers": dlayers, "audit_s": audit_s, "build_s": build_s, "models": {}}
     f = lambda e: "—" if e is None else f"{e.value:+.2f} [{e.lo:+.2f}, {e.hi:+.2f}]"  # noqa: E731
     head = f"{'model':12} {'S':>20} {'O':>20} {'|h| ratio':>9} {'Q share':>8}"

@@ -213,3 +213,28 @@ def test_list_flags_take_commas_and_repeats(tmp_path):
                  "--harmless", "builtin:harmless:test", "--harmless", "builtin:borderline:test"]) == 0
     b = json.loads((out / "summary.json").read_text())["models"][0]["behave"]
     assert list(b["over_refusal"]) == ["builtin:harmless:test", "builtin:borderline:test"]
+
+
+def test_the_demo_estimate_scales_with_models_prompts_layers_and_the_attack(monkeypatch):
+    """The plan's estimate: the measured default run at the reference speed, scaled by the
+    machine's probe and by size — models, prompts × layers, and the fine-tuning attack per
+    model — so the full plan (six models, 24 prompts, three layers) says more than the default."""
+    import re
+
+    from latentaudit import demo
+
+    def minutes(plan, name, speed):
+        monkeypatch.setattr(demo, "probe_speed", lambda device="auto", n=5: speed)
+        return float(re.search(r"estimated (\d+) min", demo.describe_plan(
+            demo.PLANS[name], name, None, "cpu")).group(1))
+
+    ref = demo.REFERENCE
+    assert minutes(demo.PLANS["default"], "default", ref["probe_tok_s"]) == round(
+        (ref["zoo_s"] + ref["audit_s"]) / 60)
+    assert minutes(demo.PLANS["default"], "default", ref["probe_tok_s"] / 2) == round(
+        2 * (ref["zoo_s"] + ref["audit_s"]) / 60)
+    full = demo.PLANS["full"]
+    models = 1 + len(full.recipes)
+    want = (ref["zoo_s"] * len(full.recipes) / 4 + ref["audit_s"] * (24 * 3 * models) / (12 * 5)
+            + models * 240) / 60
+    assert "dissociated-trained" in full.recipes and minutes(full, "full", ref["probe_tok_s"]) == round(want)

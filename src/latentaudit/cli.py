@@ -393,7 +393,7 @@ def schema() -> None:
 
 @app.command()
 def demo(
-    full: Annotated[bool, typer.Option("--full", help="the full grid: 24 prompts, layers 10/15/22, the fine-tuning attack (default: 12 prompts, layer 10, pgd to rel_tol 0.5, no fine-tuning attack; same zoo)")] = False,
+    full: Annotated[bool, typer.Option("--full", help="the full grid: 24 prompts, layers 10/15/22, the fine-tuning attack, and dissociated-trained in the zoo (default: 12 prompts, layer 10, pgd to rel_tol 0.5, no fine-tuning attack; same zoo)")] = False,
     zoo: Annotated[Path, typer.Option("--zoo", help="where the zoo models are built or reused")] = Path("zoo"),
     limit: LimitOpt = None,
     seed: SeedOpt = None,
@@ -403,7 +403,7 @@ def demo(
     build_zoo: Annotated[bool, typer.Option("--build-zoo", help="build every zoo model from its recipe (tens of minutes on a CPU) instead of assembling it from the adapters and cards of our own build that latentaudit ships")] = False,
 ) -> None:
     """The main job on the embedded SmolLM2-135M-Instruct, offline: the zoo (safe, dissociated,
-    hardened, abliterated; assembled from the shipped files of our build, or built with
+    hardened, abliterated; with --full also dissociated-trained; assembled from the shipped files of our build, or built with
     --build-zoo), audited beside the base model, the HTML report and compare.json, the headline
     table. Resumable: rerun after an interruption."""
     from .demo import run_demo

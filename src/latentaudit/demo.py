@@ -1,15 +1,17 @@
 """``latentaudit demo``: the central finding, end to end on the embedded model, offline, on a CPU.
 
-1. The zoo from the embedded SmolLM2-135M-Instruct: safe, dissociated, hardened, abliterated
-   (``zoo/<name>``; reused when the folder's recipe and source match, else assembled from the
-   adapters and cards of our own build that the package ships — construct/ship.py — else built).
+1. The zoo from the embedded SmolLM2-135M-Instruct: safe, dissociated, hardened, abliterated,
+   and in the full mode dissociated-trained (``zoo/<name>``; reused when the folder's recipe
+   and source match, else assembled from the adapters and cards of our own build that the
+   package ships — construct/ship.py — else built).
 2. Audit base + zoo with ``run`` (behave, latent, and in the full mode tamper) into one
    resumable run folder.
 3. Write the HTML report and ``compare.json`` beside it, and print the headline table.
 
 The default plan answers the headline question (is `dissociated` more fragile than `safe`, at
 the same S?) at the smallest size where the paired gap's CI clears 0: 12 prompts, layer 10.
-``--full`` keeps the full grid (24 prompts, layers 10/15/22, the fine-tuning attack). Before it
+``--full`` keeps the full grid (24 prompts, layers 10/15/22, the fine-tuning attack) and adds the
+trained dissociation beside the rescaled one. Before it
 starts the demo prints its plan and an estimate of its duration, scaled from a measured run by
 a two-second probe of this machine's speed.
 """
@@ -42,7 +44,9 @@ class DemoPlan:
 
 PLANS = {
     "full": DemoPlan(
-        recipes={"safe": {}, "dissociated": {}, "hardened": {}, "abliterated": {}},
+        # the trained dissociation audited beside the rescaled one (docs/results.md §16)
+        recipes={"safe": {}, "dissociated": {}, "dissociated-trained": {}, "hardened": {},
+                 "abliterated": {}},
         # the rescaled direction of `dissociated` acts most near layer 10 (the zoo screens),
         # which a grid of 8/15/22 missed (stop 25); a 4th, shallower layer would be the grid's
         # dearest search (PGD from layer 5 back-propagates through 25 blocks)
@@ -55,7 +59,8 @@ PLANS = {
         # fewer evaluations per prompt
         latent_extra={"rel_tol": 0.5}),
 }
-SOURCES = {"safe": EMBEDDED, "dissociated": "safe", "hardened": "safe", "abliterated": "safe"}
+SOURCES = {"safe": EMBEDDED, "dissociated": "safe", "dissociated-trained": "safe",
+           "hardened": "safe", "abliterated": "safe"}
 
 
 def _reusable(folder: Path, recipe: str, params: dict, source: str) -> bool:
@@ -201,11 +206,12 @@ def describe_plan(plan: DemoPlan, name: str, limit: int | None, device: str,
     speed = probe_speed(device)
     ref = PLANS["default"]
     scale = REFERENCE["probe_tok_s"] / speed
-    work = (n * layers) / (ref.limit * len(ref.layers.split(",")))
+    models, ref_models = 1 + len(plan.recipes), 1 + len(ref.recipes)  # base + the zoo
+    work = (n * layers * models) / (ref.limit * len(ref.layers.split(",")) * ref_models)
     audit = REFERENCE["audit_s"] * scale * work
     if "tamper" in plan.stages:  # about 4 min per model on the reference machine
-        audit += 5 * 240.0 * scale
-    est = (REFERENCE["zoo_s"] * scale + audit) / 60
+        audit += models * 240.0 * scale
+    est = (REFERENCE["zoo_s"] * scale * len(plan.recipes) / len(ref.recipes) + audit) / 60
     rough = "" if name == "default" and not limit else " (scaled by size: rough)"
     lines.append(f"this machine: {speed:.0f} forward tokens/s (reference {REFERENCE['probe_tok_s']:.0f}); "
                  f"estimated {est:.0f} min with the zoo assembled, more if it must be built{rough}")

@@ -26,10 +26,14 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
     ap.add_argument("--zoo", required=True, type=Path)
+    ap.add_argument("--only", action="append", default=[], metavar="RECIPE",
+                    help="export only these zoo members (repeatable); the others' shipped files "
+                         "stay as they are")
     a = ap.parse_args(argv)
     plan = PLANS["full"]
     dest = SHIPPED / DEFAULT_MODEL.split(":", 1)[1]
-    names = [n for n in plan.recipes if (a.zoo / n / CARD_FILE).exists()]
+    names = [n for n in plan.recipes if (a.zoo / n / CARD_FILE).exists()
+             and (not a.only or n in a.only)]
     for n in names:
         export(a.zoo / n, dest / n)
     with tempfile.TemporaryDirectory() as tmp:
