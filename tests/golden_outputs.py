@@ -119,6 +119,9 @@ def normalise(obj, tmp: Path):
     return obj
 
 
+WEIGHT_ATOL = 5e-4
+
+
 def diff(gold, new, path: str = "$", rel: float = 1e-6, out: list | None = None) -> list[str]:
     """Every place where ``new`` differs from ``gold`` (floats to a relative tolerance)."""
     out = [] if out is None else out
@@ -136,8 +139,12 @@ def diff(gold, new, path: str = "$", rel: float = 1e-6, out: list | None = None)
         for i, (g, n) in enumerate(zip(gold, new)):
             diff(g, n, f"{path}[{i}]", rel, out)
     elif isinstance(gold, float) or isinstance(new, float):
+        # a weight tensor's digest (its sum to 4 decimals) moves by a unit or two of the last
+        # place with a library's summation order (a transformers or peft release); a changed
+        # training step moves it by far more
+        atol = WEIGHT_ATOL if path.startswith("$.weights") else 1e-9
         ok = (isinstance(gold, (int, float)) and isinstance(new, (int, float))
-              and (math.isclose(gold, new, rel_tol=rel, abs_tol=1e-9)
+              and (math.isclose(gold, new, rel_tol=rel, abs_tol=atol)
                    or (math.isnan(gold) and math.isnan(new))))
         if not ok:
             out.append(f"{path}: {gold!r} -> {new!r}")

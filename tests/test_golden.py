@@ -38,3 +38,6 @@ def test_the_diff_sees_a_changed_number():
     assert diff({"a": [1.0, {"b": 0.5}]}, {"a": [1.0, {"b": 0.5000001}]}) == []
     assert diff({"a": [1.0, {"b": 0.5}]}, {"a": [1.0, {"b": 0.51}]}) == ["$.a[1].b: 0.5 -> 0.51"]
     assert diff({"a": 1}, {"a": 1, "c": 2}) == ["$.c: new key"]
+    # weight digests: a unit of their 4th decimal passes, a training change does not
+    assert diff({"weights": {"w": [64.121]}}, {"weights": {"w": [64.1209]}}) == []
+    assert diff({"weights": {"w": [64.121]}}, {"weights": {"w": [64.131]}}) != []
