@@ -403,9 +403,9 @@ def demo(
     build_zoo: Annotated[bool, typer.Option("--build-zoo", help="build every zoo model from its recipe (tens of minutes on a CPU) instead of assembling it from the adapters and cards of our own build that latentaudit ships")] = False,
 ) -> None:
     """The main job on the embedded SmolLM2-135M-Instruct, offline: the zoo (safe, dissociated,
-    hardened, abliterated; with --full also dissociated-trained; assembled from the shipped files of our build, or built with
-    --build-zoo), audited beside the base model, the HTML report and compare.json, the headline
-    table. Resumable: rerun after an interruption."""
+    hardened, abliterated; with --full also dissociated-trained; assembled from the shipped
+    files of our build, or built with --build-zoo), audited beside the base model, the HTML
+    report and compare.json, the headline table. Resumable: rerun after an interruption."""
     from .demo import run_demo
     from .pipeline import quiet_libraries
 

@@ -29,7 +29,6 @@ docs/zoo.md lists them, what the defaults measured, and the variants tried and d
 from __future__ import annotations
 
 import warnings
-
 from typing import Any
 
 from ..data.sets import load_prompt_set
