@@ -12,12 +12,14 @@ Each budget (``--budgets relative,whitened``) audits into its own run folder, OU
     .venv/bin/python benchmarks/bench_rescale.py --source zoo/safe --ks 0.5,0.2,0.1 \
         --limit 12 --layers 10 --out runs/bench-rescale --step-cost
 
-A model that complies with part of the prompts clean (Qwen2.5-Coder) is attacked on a file of
-the prompts it refuses (``--harmful``); ``--latent whiten_shrinkage=0`` whitens with the sample
-covariance itself (no shrinkage: exactly basis-free).
+A model that complies with part of the prompts clean (Qwen2.5-Coder) is attacked on the ones it
+refuses: ``--refused N`` first audits the source's behaviour on ``--harmful`` (the default judge
+and 32 tokens) and attacks the first N it refuses, written to OUT/refused.jsonl (a prompt file
+that ``latentaudit latent --harmful`` also takes). ``--latent whiten_shrinkage=0`` whitens with
+the sample covariance itself (no shrinkage: exactly basis-free).
 
     .venv/bin/python benchmarks/bench_rescale.py --source embedded:qwen2.5-coder-0.5b --ks 0.5 \
-        --zoo zoo-qwen --harmful refused.jsonl --limit 16 --layers 8 --out runs/rescale-qwen
+        --zoo zoo-qwen --refused 16 --limit 16 --layers 8 --out runs/rescale-qwen
 
 Resumable: the zoo folders are reused and the run folder resumes. Results: OUT/rescale.json.
 """
@@ -82,6 +84,34 @@ def refusal_basis(folder: Path) -> tuple[torch.Tensor, list[int]]:
     return orthonormal_basis([d.unit(l) for l in layers]), layers
 
 
+def refused_file(source: str, harmful: str, n: int, out: Path) -> str:
+    """The first ``n`` prompts of ``harmful`` (in the set's order) that ``source`` refuses clean,
+    as a prompt file ``out/refused.jsonl``; the behaviour run that judged them is kept in
+    ``out/refused-behave`` (resumable)."""
+    from latentaudit.data.sets import load_prompt_set
+    from latentaudit.runs.store import ResultStore
+
+    path = out / "refused.jsonl"
+    if path.exists():
+        return str(path)
+    cfg = AuditConfig.model_validate({
+        "models": [{"name": "source", "spec": source}], "stages": ["behave"], "device": "cpu",
+        "dtype": "float32", "output_dir": str(out / "refused-behave"), "progress": "plain",
+        "behave": {"harmful": harmful, "harmless": []}})
+    run_dir, summary = run_many(cfg, command_line())
+    prefix = summary.models[0].behave.store_prefixes[load_prompt_set(harmful).name]
+    with ResultStore(Path(run_dir) / "store.sqlite", read_only=True) as store:
+        verdicts = {r["prompt_id"]: r["verdict"] for _, r in store.items(prefix)}
+    refused = [p for p in load_prompt_set(harmful).prompts if verdicts.get(p.id) == "refusal"]
+    print(f"{source} refuses {len(refused)} of {len(verdicts)} prompts of {harmful}; "
+          f"attacking the first {min(n, len(refused))}")
+    rows = [{"id": p.id, "prompt": p.text, "category": p.category, "target": p.target}
+            for p in refused[:n]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--source", default="zoo/safe")
@@ -100,9 +130,13 @@ def main() -> None:
                     help="the prompts to attack (e.g. a file of those the source refuses clean)")
     ap.add_argument("--latent", action="append", default=[], metavar="KEY=VALUE",
                     help="another latent setting, e.g. whiten_shrinkage=0 (repeatable)")
+    ap.add_argument("--refused", type=int, default=0, metavar="N",
+                    help="attack the first N prompts of --harmful the source refuses clean")
     args = ap.parse_args()
     extra_latent = {k: yaml.safe_load(v) for k, _, v in (x.partition("=") for x in args.latent)}
     quiet_libraries()
+    if args.refused:
+        args.harmful = refused_file(args.source, args.harmful, args.refused, Path(args.out))
     ks = [float(k) for k in args.ks.split(",")]
     src = args.source_name
     models, build_s = {src: args.source}, {}
