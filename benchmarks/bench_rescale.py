@@ -89,6 +89,7 @@ def refused_file(source: str, harmful: str, n: int, out: Path) -> str:
     as a prompt file ``out/refused.jsonl``; the behaviour run that judged them is kept in
     ``out/refused-behave`` (resumable)."""
     from latentaudit.data.sets import load_prompt_set
+    from latentaudit.files import write_text
     from latentaudit.runs.store import ResultStore
 
     path = out / "refused.jsonl"
@@ -107,8 +108,7 @@ def refused_file(source: str, harmful: str, n: int, out: Path) -> str:
           f"attacking the first {min(n, len(refused))}")
     rows = [{"id": p.id, "prompt": p.text, "category": p.category, "target": p.target}
             for p in refused[:n]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))  # atomic: a killed run reruns it
     return str(path)
 
 
