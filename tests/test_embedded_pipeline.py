@@ -157,10 +157,10 @@ def test_shipped_zoo_assembles_in_seconds_with_its_build_card(embedded_load, tmp
 SAFE_BUILD = {"params": {}, "seed": 0, "eval_limit": 24, "eval_tokens": 32}
 
 
-def _shipped_safe_card() -> dict:
-    from latentaudit.construct.ship import CARD_FILE, SHIPPED
+def _shipped_safe():
+    from latentaudit.construct.ship import SHIPPED
 
-    return json.loads((SHIPPED / "smollm2-135m" / "safe" / CARD_FILE).read_text())
+    return SHIPPED / "smollm2-135m" / "safe"
 
 
 def test_a_fresh_build_retraces_the_shipped_safe(embedded_load, tmp_path):
@@ -170,14 +170,14 @@ def test_a_fresh_build_retraces_the_shipped_safe(embedded_load, tmp_path):
     the shipped one's shape. The whole 40 steps against the shipped adapter and card figures:
     test_a_fresh_build_reproduces_the_shipped_safe (about 5–15 min, LATENTAUDIT_REBUILD=1)."""
     from latentaudit.construct.build import construct
-    from latentaudit.construct.ship import ADAPTER_FILE, SHIPPED, load_adapter
+    from latentaudit.construct.ship import ADAPTER_FILE, CARD_FILE, load_adapter
 
     steps = 4  # no validation generation (eval_every 0): it does not touch the training
     out = construct("safe", "embedded:smollm2-135m", tmp_path / "safe",
                     {"steps": steps, "eval_every": 0},
                     device="cpu", seed=SAFE_BUILD["seed"], eval_limit=2, eval_tokens=8)
     got = json.loads((out / "latentaudit_recipe.json").read_text())["details"]["history"]
-    want = _shipped_safe_card()["details"]["history"]
+    want = json.loads((_shipped_safe() / CARD_FILE).read_text())["details"]["history"]
     assert [h["step"] for h in got] == list(range(1, steps + 1))
     for g, w in zip(got, want[:steps]):
         assert g["loss"].keys() == w["loss"].keys()
@@ -185,7 +185,7 @@ def test_a_fresh_build_retraces_the_shipped_safe(embedded_load, tmp_path):
             # rounding to 4 decimals may flip the last place under another summation order
             assert abs(g["loss"][term] - v) <= 2e-4, (g["step"], term, g["loss"][term], v)
     built, lora = load_adapter(out / ADAPTER_FILE)
-    shipped, lora_shipped = load_adapter(SHIPPED / "smollm2-135m" / "safe" / ADAPTER_FILE)
+    shipped, lora_shipped = load_adapter(_shipped_safe() / ADAPTER_FILE)
     assert lora == lora_shipped and built.keys() == shipped.keys()
     assert all(built[k].shape == shipped[k].shape for k in shipped)
 
@@ -198,9 +198,9 @@ def test_a_fresh_build_reproduces_the_shipped_safe(embedded_load, tmp_path):
     equality holds only at the build's thread count: 40 LoRA steps carry another summation
     order's rounding (1 thread against the build's 2: at most 0.85 %, median 0.03 %)."""
     from latentaudit.construct.build import construct
-    from latentaudit.construct.ship import ADAPTER_FILE, CARD_FILE, SHIPPED, load_adapter
+    from latentaudit.construct.ship import ADAPTER_FILE, CARD_FILE, load_adapter
 
-    shipped = SHIPPED / "smollm2-135m" / "safe"
+    shipped = _shipped_safe()
     built = construct("safe", "embedded:smollm2-135m", tmp_path / "safe", SAFE_BUILD["params"],
                       device="cpu", seed=SAFE_BUILD["seed"], eval_limit=SAFE_BUILD["eval_limit"],
                       eval_tokens=SAFE_BUILD["eval_tokens"])
